@@ -236,7 +236,7 @@ def write_checkpoint(
         config["quantization_config"] = quantization_config(quantization_info)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if copy_files_from is not None:
-            _copy_side_files(Path(copy_files_from), staging)
+            copy_side_files(Path(copy_files_from), staging)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -410,7 +410,8 @@ _SIDE_FILES = (
 )
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer and generation files of a model directory."""
     for name in _SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

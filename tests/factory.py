@@ -1,0 +1,138 @@
+"""Small real models for tests: a trained BPE tokenizer, random Llama/Qwen2 models, and their
+magnitude-pruned DuoGPT checkpoints with calibrated activation thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from vllm_duogpt import format as fmt
+
+CORPUS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "must be in want of a wife. However little known the feelings or views of such a man may be",
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the",
+    "surrounding families, that he is considered the rightful property of some one or other of",
+    "their daughters. The quick brown fox jumps over the lazy dog; 0123456789 !?.,;:'\"()",
+]
+PROMPTS = [
+    "It is a truth universally",
+    "The quick brown fox",
+    "their daughters",
+    "a single man in possession of",
+]
+
+
+def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (about 300 tokens) on a fixed corpus and save it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """A random 2-layer model whose head counts allow TP=2 (4 heads, 2 KV heads)."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # A large init makes the next-token distribution peaked, so greedy decoding is not
+        # decided by float rounding differences between implementations.
+        initializer_range=0.5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    return model.eval()
+
+
+def sparse_linear_names(model: torch.nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name
+    ]
+
+
+def input_quantile_thresholds(
+    model: torch.nn.Module, names: list[str], act_sparsity: float, seed: int = 0
+) -> dict[str, float]:
+    """Per-linear thresholds: the act_sparsity quantile of |input| on random token batches."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [
+        modules[n].register_forward_pre_hook(
+            lambda _m, args, n=n: seen[n].append(args[0].detach().abs().flatten())
+        )
+        for n in names
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model(torch.randint(2, model.config.vocab_size, (4, 32), generator=gen))
+    for handle in handles:
+        handle.remove()
+    return {n: float(torch.quantile(torch.cat(v), act_sparsity)) for n, v in seen.items()}
+
+
+def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Zero the smallest-magnitude fraction of each row."""
+    drop = int(weight.shape[1] * sparsity)
+    if drop == 0:
+        return weight.clone()
+    idx = weight.abs().argsort(dim=1)[:, :drop]
+    return weight.clone().scatter_(1, idx, 0.0)
+
+
+def make_checkpoint(
+    out_dir: Path,
+    arch: str = "llama",
+    weight_sparsity: float = 0.5,
+    act_sparsity: float = 0.5,
+    seed: int = 0,
+) -> Path:
+    """Write a magnitude-pruned DuoGPT checkpoint of a random model (tokenizer included)."""
+    tok_dir = out_dir.parent / f".{out_dir.name}-tokenizer"
+    tokenizer = build_tokenizer(tok_dir)
+    model = build_model(arch, len(tokenizer), seed)
+    names = sparse_linear_names(model)
+    thresholds = input_quantile_thresholds(model, names, act_sparsity, seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name in names:
+        state[f"{name}.weight"] = magnitude_prune(state[f"{name}.weight"], weight_sparsity)
+    config = model.config.to_dict()
+    config.update(architectures=[type(model).__name__], dtype="float32")
+    info = {"method": "magnitude", "weight_sparsity": weight_sparsity, "act_sparsity": act_sparsity}
+    return fmt.write_checkpoint(out_dir, state, thresholds, config, info, copy_files_from=tok_dir)

@@ -1,0 +1,76 @@
+"""Which kernel runs a dual-sparse linear: an ordered list of candidates, torch last.
+
+Each candidate says why it cannot run on a device and dtype (vLLM's MPLinearKernel pattern); the
+first that can is used for every linear of the model, and the choice is logged once per process.
+A candidate converts the loaded dense staging weight into its own layout in ``prepare`` and frees
+what it does not need.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger("vllm.duogpt")  # under vLLM's configured logger
+
+
+class DualSparseKernel(Protocol):
+    """What the linear method needs from a kernel."""
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this kernel cannot run here, or None when it can."""
+
+    def prepare(self, layer: torch.nn.Module) -> None:
+        """Convert ``layer.weight`` (masked dense, this rank's slice) into the kernel's layout."""
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``x: [M, K]`` -> ``[M, N]`` row-major."""
+
+
+class TorchReferenceKernel:
+    """The plain-torch path: masked dense weight, threshold applied in torch. Runs anywhere."""
+
+    name = "torch-reference"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    def prepare(self, layer: torch.nn.Module) -> None:
+        import vllm_duogpt.kernels.reference  # noqa: F401  (registers the custom op)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return torch.ops.duogpt.reference_dual_sparse_linear(
+            x, layer.weight, layer.duogpt_threshold, bias
+        )
+
+
+def candidate_kernels() -> list[DualSparseKernel]:
+    """All kernels in order of preference; the torch reference is always last."""
+    return [TorchReferenceKernel()]
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def choose_kernel(device: torch.device, dtype: torch.dtype) -> DualSparseKernel:
+    """The first candidate that can run on ``device`` with ``dtype``; logs the choice once."""
+    reasons = []
+    for kernel in candidate_kernels():
+        reason = kernel.unavailable_reason(device, dtype)
+        if reason is None:
+            key = (kernel.name, str(device))
+            if key not in _logged:
+                _logged.add(key)
+                skipped = "; ".join(reasons) or "none skipped"
+                logger.info("duogpt: using kernel %s on %s (%s)", kernel.name, device, skipped)
+            return kernel
+        reasons.append(f"{kernel.name}: {reason}")
+    raise RuntimeError("no dual-sparse kernel can run: " + "; ".join(reasons))
