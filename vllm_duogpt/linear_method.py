@@ -125,7 +125,7 @@ class DuoGPTLinearMethod(LinearMethodBase):
         return out.reshape(*leading, out.shape[-1])
 
     def _checkpoint_name(self, layer: torch.nn.Module, shard_id: str | int | None) -> str:
-        """The Hugging Face name of one shard, for error messages (``...qkv_proj`` + k -> k_proj)."""
+        """The Hugging Face name of one shard for error messages (qkv_proj, k -> k_proj)."""
         base, _, leaf = self.prefix.rpartition(".")
         if shard_id is None or leaf not in _FUSED_NAMES:
             return self.prefix

@@ -1,0 +1,102 @@
+"""The ``duogpt`` command: a thin argparse shell over the package's functions.
+
+Subcommands import their module only when run, so ``duogpt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from vllm_duogpt.inspect_checkpoint import run_inspect
+
+    print(run_inspect(args.checkpoint, args.json))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from vllm_duogpt.torch_model import export_dense
+
+    out = export_dense(args.checkpoint, args.dense)
+    print(f"wrote masked dense Hugging Face checkpoint to {out}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from vllm_duogpt import vllm_cli
+
+    sys.argv = ["vllm", "serve", args.model, *args.vllm_args]
+    return vllm_cli.main()
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from vllm_duogpt.demo import run_demo
+
+    return run_demo(args.out, args.prompt, args.nsamples, args.seqlen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duogpt", description="DuoGPT dual-sparse LLMs: calibrate, inspect, serve."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from vllm_duogpt.calibrate.assets_cli import add_assets_parsers
+    from vllm_duogpt.calibrate.cli import add_calibrate_parser
+
+    add_calibrate_parser(sub)
+    add_assets_parsers(sub)
+
+    p = sub.add_parser("inspect", help="per-layer sparsity, thresholds and bytes vs dense")
+    p.add_argument("checkpoint", help="DuoGPT checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_inspect)
+
+    p = sub.add_parser("export", help="write the masked dense weights as a plain HF checkpoint")
+    p.add_argument("checkpoint", help="DuoGPT checkpoint directory")
+    p.add_argument("--dense", required=True, metavar="OUT", help="output directory (new)")
+    p.set_defaults(func=_run_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="vllm serve with the duogpt plugin (arguments after MODEL go to vLLM)",
+        add_help=False,
+    )
+    p.add_argument("model")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_run_serve)
+
+    p = sub.add_parser(
+        "demo", help="prepare SmolLM2-135M, prune it, serve it with vLLM, ask one question"
+    )
+    p.add_argument("--out", default="out/demo", help="working directory (default out/demo)")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=256, help="calibration window length")
+    p.set_defaults(func=_run_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``duogpt`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        # Bad input (format errors are ValueErrors): one line that says what is wrong.
+        print(f"duogpt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
