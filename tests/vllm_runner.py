@@ -44,7 +44,9 @@ def main() -> None:
             "token_ids": list(out.outputs[0].token_ids),
             "logprobs": [
                 step[token].logprob
-                for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)
+                for step, token in zip(
+                    out.outputs[0].logprobs, out.outputs[0].token_ids, strict=True
+                )
             ],
             "text": out.outputs[0].text,
         }
