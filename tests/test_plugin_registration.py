@@ -1,0 +1,54 @@
+"""The entry point registers the ``duogpt`` method once and its config validates checkpoints."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+import vllm_duogpt
+from vllm_duogpt import format as fmt
+
+
+def test_entry_point_is_declared():
+    plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.name == "duogpt" and ep.value == "vllm_duogpt:register" for ep in plugins)
+
+
+def test_register_is_idempotent_and_adds_the_method():
+    from vllm.model_executor.layers.quantization import (
+        QUANTIZATION_METHODS,
+        get_quantization_config,
+    )
+
+    vllm_duogpt.register()
+    vllm_duogpt.register()
+    assert QUANTIZATION_METHODS.count("duogpt") == 1
+    assert get_quantization_config("duogpt").__name__ == "DuoGPTConfig"
+
+
+def good_config() -> dict:
+    return {"quant_method": "duogpt", "format": fmt.FORMAT_NAME, "format_version": 1}
+
+
+def test_config_accepts_its_format():
+    from vllm_duogpt.quant_config import DuoGPTConfig
+
+    config = DuoGPTConfig.from_config({**good_config(), "weight_sparsity": 0.5})
+    assert config.get_name() == "duogpt"
+    assert config.settings["weight_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": 3}, "unsupported format version 3; this build reads 1"),
+        ({"format": "sparse-bitmask"}, "Unsupported duogpt format 'sparse-bitmask'"),
+        ({"quant_method": "gptq"}, "quant_method 'gptq' is not 'duogpt'"),
+    ],
+)
+def test_config_names_the_bad_value(change, message):
+    from vllm_duogpt.quant_config import DuoGPTConfig
+
+    with pytest.raises(ValueError, match=message):
+        DuoGPTConfig.from_config({**good_config(), **change})
