@@ -132,7 +132,10 @@ def make_checkpoint(
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name in names:
         state[f"{name}.weight"] = magnitude_prune(state[f"{name}.weight"], weight_sparsity)
+    # Stored in fp16 like a real checkpoint: every kernel keeps 16-bit values exactly, so vLLM
+    # (computing in fp32) and the fp32 torch oracle multiply by identical weights.
+    state = {k: v.to(torch.float16) for k, v in state.items()}
     config = model.config.to_dict()
-    config.update(architectures=[type(model).__name__], dtype="float32")
+    config.update(architectures=[type(model).__name__], dtype="float16")
     info = {"method": "magnitude", "weight_sparsity": weight_sparsity, "act_sparsity": act_sparsity}
     return fmt.write_checkpoint(out_dir, state, thresholds, config, info, copy_files_from=tok_dir)
