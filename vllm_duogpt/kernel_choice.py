@@ -52,9 +52,48 @@ class TorchReferenceKernel:
         )
 
 
+class TritonKernel:
+    """GPU: the Triton decode kernel for few tokens per step, the many-token kernel otherwise
+    (kernels/triton_linear.py), on the tiled bitmap layout (kernels/gpu_layout.py)."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return f"device {device} is not a CUDA GPU"
+        try:
+            from vllm_duogpt.kernels import triton_linear
+        except Exception as err:  # a Triton build that cannot import on this host
+            return f"Triton kernels do not import: {err}"
+        return triton_linear.unavailable_reason(device, dtype)
+
+    def prepare(self, layer: torch.nn.Module) -> None:
+        from vllm_duogpt.kernels.gpu_layout import pack_gpu_weight
+
+        packed = pack_gpu_weight(layer.weight.data)
+        layer.register_buffer("duogpt_values", packed.values, persistent=False)
+        layer.register_buffer("duogpt_bitmap", packed.bitmap, persistent=False)
+        layer.register_buffer("duogpt_offsets", packed.offsets, persistent=False)
+        layer.duogpt_out_features = packed.n
+        del layer.weight  # the dense staging copy is not needed any more
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return torch.ops.duogpt.triton_dual_sparse_linear(
+            x,
+            layer.duogpt_values,
+            layer.duogpt_bitmap,
+            layer.duogpt_offsets,
+            layer.duogpt_out_features,
+            layer.duogpt_threshold,
+            bias,
+        )
+
+
 def candidate_kernels() -> list[DualSparseKernel]:
     """All kernels in order of preference; the torch reference is always last."""
-    return [TorchReferenceKernel()]
+    return [TritonKernel(), TorchReferenceKernel()]
 
 
 _logged: set[tuple[str, str]] = set()
