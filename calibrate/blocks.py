@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from vllm_duogpt.calibrate.config import CalibrationError
 from vllm_duogpt.kernels.reference import sparsify_activations
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
 from vllm_duogpt.calibrate.austen import BOOKS, HELD_OUT, austen_books
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 from torch import nn
+
 from vllm_duogpt.calibrate.config import CalibrationConfig, CalibrationError
 
 logger = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vllm_duogpt.calibrate.cache import build_once, cache_root
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vllm_duogpt.calibrate.config import CalibrationError
 
 logger = logging.getLogger(__name__)

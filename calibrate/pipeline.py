@@ -1,18 +1,10 @@
-"""The calibration driver (method.md section 6): model in, DuoGPT checkpoint out.
+"""The calibration run (method.md section 6): model in, DuoGPT checkpoint out.
 
 Two trajectories go through the model one decoder block at a time: the dense path (inputs of
 block l in the dense model, ``X~``) and the pruned path (inputs of block l in the model pruned so
-far, activation sparsity on, ``X^``). For each block, group by group in call order
-([q, k, v] -> [o] -> [gate, up] -> [down]):
-
-1. calibrate the group's threshold on the pruned path, with everything upstream (including this
-   block's earlier groups) already pruned and sparsified, so the calibrated fraction is the one
-   the runtime sees;
-2. stream the samples through both paths, accumulating H, G and a for the group's shared input;
-3. solve every member and write its pruned weight into the working block.
-
-A last pass runs both paths through the finished block: its outputs become the next block's
-inputs, and each linear's output is compared with its dense counterpart (relative error).
+far, activation sparsity on, ``X^``). :mod:`driver` calibrates each block; this module loads the
+model and data, plans memory, shows progress, checkpoints after every block (resume with
+``--resume``) and writes the final checkpoint with :func:`vllm_duogpt.format.write_checkpoint`.
 
 Baselines share the driver: ``sparsegpt`` is the solver with ``alpha = 0`` and H from the same
 pruned-path (sparsified) inputs, so against ``duogpt`` it isolates the residual correction;
@@ -22,12 +14,10 @@ thresholds and leave weights untouched; weight-only runs (``act_sparsity = 0``) 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from vllm_duogpt.calibrate.blocks import (
-    LayerCall,
-    LinearGroup,
-    block_output,
-    capture_block_inputs,
-    capture_hook,
-    decoder_layers,
-    hooks,
-    linear_groups,
-    run_until_captured,
-    sparsify_hook,
-)
+
+from vllm_duogpt.calibrate.blocks import capture_block_inputs, decoder_layers
 from vllm_duogpt.calibrate.config import CalibrationConfig, CalibrationError
-from vllm_duogpt.calibrate.memory import MemoryPlan, format_bytes, peak_rss_bytes, plan_memory
+from vllm_duogpt.calibrate.driver import BlockCalibrator, LinearReport
+from vllm_duogpt.calibrate.memory import format_bytes, peak_rss_bytes, plan_memory
 from vllm_duogpt.calibrate.partial import (
     PartialState,
     load_state,
@@ -57,39 +38,8 @@ from vllm_duogpt.calibrate.partial import (
     save_block,
     windows_digest,
 )
-from vllm_duogpt.calibrate.solver import (
-    LayerStats,
-    SolveResult,
-    accumulate,
-    init_stats,
-    prune_duogpt,
-    prune_magnitude,
-    prune_wanda,
-)
-from vllm_duogpt.calibrate.thresholds import ThresholdEstimator
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LinearReport:
-    """Metrics of one calibrated linear.
-
-    ``seconds`` covers its group's threshold and statistics passes plus its own solve; ``loss`` is
-    the solver's objective change (``SolveResult.loss``); ``rel_error`` is
-    ``||y_pruned - y_dense|| / ||y_dense||`` over the calibration tokens; ``act_sparsity`` is the
-    measured fraction of zeros in the input it sees.
-    """
-
-    name: str
-    shape: tuple[int, int]
-    seconds: float
-    loss: float
-    rel_error: float
-    weight_sparsity: float
-    act_sparsity: float
-    threshold: float
-    damping: float
 
 
 @dataclass
@@ -139,6 +89,7 @@ def _calibration_windows(
     config: CalibrationConfig, model_dir: Path, model: nn.Module
 ) -> torch.Tensor:
     from transformers import AutoTokenizer
+
     from vllm_duogpt.calibrate.calib_data import load_calibration_windows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -163,193 +114,6 @@ def _check_windows(windows: torch.Tensor, config: CalibrationConfig, vocab_size:
         )
     if windows.dtype != torch.long or int(windows.min()) < 0 or int(windows.max()) >= vocab_size:
         raise CalibrationError(f"calibration windows must be token ids in [0, {vocab_size})")
-
-
-def _derived_seed(seed: int, block: int, group: int) -> int:
-    # Independent of run history, so a resumed run subsamples the same activations.
-    return (seed * 1_000_003 + block * 1_009 + group) % (1 << 63)
-
-
-class _Driver:
-    """State of one run: the trajectories, the block call arguments and the progress."""
-
-    def __init__(
-        self,
-        config: CalibrationConfig,
-        device: torch.device,
-        calls: list[LayerCall],
-        dense: torch.Tensor,
-        pruned: torch.Tensor,
-        plan: MemoryPlan,
-    ) -> None:
-        self.config = config
-        self.device = device
-        self.calls = calls
-        self.dense = dense
-        self.pruned = pruned
-        self.plan = plan
-        self.held_peak = 0
-
-    def _sample(self, trajectory: torch.Tensor, s: int) -> torch.Tensor:
-        return trajectory[s : s + 1].to(self.device)
-
-    def _hold(self, extra: int) -> None:
-        self.held_peak = max(
-            self.held_peak, self.plan.trajectories + self.plan.block + self.plan.activations + extra
-        )
-
-    @torch.no_grad()
-    def threshold(self, block: nn.Module, group: LinearGroup, call: LayerCall, seed: int) -> float:
-        """Section 3 threshold of the group's input, on the pruned path as it now runs."""
-        if self.config.act_sparsity == 0.0:
-            return 0.0
-        estimator = ThresholdEstimator(self.config.act_sparsity, self.config.nsamples, seed)
-        with hooks([group.modules[0].register_forward_pre_hook(capture_hook(estimator.update))]):
-            for s in range(self.config.nsamples):
-                run_until_captured(block, self._sample(self.pruned, s), call)
-        return estimator.threshold()
-
-    @torch.no_grad()
-    def statistics(
-        self, dense_block: nn.Module, block: nn.Module, group: LinearGroup, call: LayerCall
-    ) -> LayerStats:
-        """Stream every sample through both paths into H, G, a of the group's input (4, 6.3)."""
-        k = group.in_features
-        stats = init_stats(k, self.device)
-        self._hold(2 * k * k * 4)
-        residual = self.config.method == "duogpt"
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep(key: str) -> Callable[[torch.Tensor], None]:
-            return lambda x: seen.__setitem__(key, x)
-
-        # Registered after the group's sparsify hooks, so it sees X^ already thresholded.
-        handles = [group.modules[0].register_forward_pre_hook(capture_hook(keep("hat")))]
-        dense_first = dense_block.get_submodule(group.names[0])
-        handles.append(dense_first.register_forward_pre_hook(capture_hook(keep("dense"))))
-        with hooks(handles):
-            for s in range(self.config.nsamples):
-                if residual:
-                    run_until_captured(dense_block, self._sample(self.dense, s), call)
-                run_until_captured(block, self._sample(self.pruned, s), call)
-                x_dense = seen["dense"].reshape(-1, k) if residual else None
-                accumulate(stats, seen["hat"].reshape(-1, k), x_dense)
-        return stats
-
-    def solve(self, weight: torch.Tensor, stats: LayerStats | None) -> SolveResult | None:
-        """Prune one weight with the configured method (None: weights stay as they are)."""
-        cfg = self.config
-        if cfg.weight_sparsity == 0.0:
-            return None
-        pattern = cfg.solver_pattern
-        if cfg.method == "magnitude":
-            return prune_magnitude(weight, cfg.weight_sparsity, pattern)
-        assert stats is not None
-        if cfg.method == "wanda":
-            return prune_wanda(weight, stats, cfg.weight_sparsity, pattern)
-        alpha = cfg.alpha if cfg.method == "duogpt" else 0.0
-        return prune_duogpt(
-            weight, stats, cfg.weight_sparsity, pattern, alpha,
-            blocksize=cfg.blocksize, percdamp=cfg.percdamp, lazy_values=cfg.lazy_values,
-        )  # fmt: skip
-
-    @torch.no_grad()
-    def advance(
-        self, dense_block: nn.Module, block: nn.Module, call: LayerCall
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """Run both paths through the finished block (in place) and measure every linear.
-
-        Returns:
-            ``(rel_error, act_sparsity)`` by linear name relative to the block.
-        """
-        dense_out: dict[str, torch.Tensor] = {}
-        err: dict[str, torch.Tensor] = {}
-        ref: dict[str, torch.Tensor] = {}
-        zeros: dict[str, int] = {}
-        total: dict[str, int] = {}
-
-        def on_dense(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                dense_out[name] = output
-
-            return hook
-
-        def on_pruned(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                target = dense_out.pop(name)
-                diff = (output - target).double().square().sum()
-                err[name] = err.get(name, 0) + diff
-                ref[name] = ref.get(name, 0) + target.double().square().sum()
-                zeros[name] = zeros.get(name, 0) + int((args[0] == 0).sum())
-                total[name] = total.get(name, 0) + args[0].numel()
-
-            return hook
-
-        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        handles = [dense_block.get_submodule(n).register_forward_hook(on_dense(n)) for n in names]
-        handles += [block.get_submodule(n).register_forward_hook(on_pruned(n)) for n in names]
-        with hooks(handles):
-            for s in range(self.config.nsamples):
-                out_dense = block_output(dense_block, self._sample(self.dense, s), call)
-                out_pruned = block_output(block, self._sample(self.pruned, s), call)
-                self.dense[s].copy_(out_dense[0])
-                self.pruned[s].copy_(out_pruned[0])
-        rel = {n: float((err[n] / ref[n].clamp_min(1e-30)).sqrt()) for n in names}
-        act = {n: zeros[n] / max(total[n], 1) for n in names}
-        return rel, act
-
-    @torch.no_grad()
-    def block(self, index: int, cpu_block: nn.Module) -> tuple[list[LinearReport], list[str]]:
-        """Calibrate one decoder block in place (its linear weights are overwritten)."""
-        call = self.calls[index].to(self.device)
-        dense_block = copy.deepcopy(cpu_block).to(device=self.device, dtype=torch.float32)
-        block = copy.deepcopy(dense_block)
-        self._hold(0)
-        groups = linear_groups(block, self._sample(self.pruned, 0), call)
-        solving = self.config.weight_sparsity > 0 and self.config.method != "magnitude"
-        reports: list[LinearReport] = []
-        notes: list[str] = []
-        sparsify: list[torch.utils.hooks.RemovableHandle] = []
-        with hooks(sparsify):
-            for g, group in enumerate(groups):
-                start = time.perf_counter()
-                seed = _derived_seed(self.config.seed, index, g)
-                tau = self.threshold(block, group, call, seed)
-                if tau > 0.0:
-                    hook = sparsify_hook(tau)
-                    sparsify += [m.register_forward_pre_hook(hook) for m in group.modules]
-                stats = self.statistics(dense_block, block, group, call) if solving else None
-                shared = time.perf_counter() - start
-                for name, module in zip(group.names, group.modules, strict=True):
-                    t0 = time.perf_counter()
-                    result = self.solve(module.weight, stats)
-                    loss, damping = 0.0, 0.0
-                    if result is not None:
-                        module.weight.copy_(result.W)
-                        notes += [f"{name}: {w}" for w in result.warnings]
-                        loss, damping = result.loss, result.damping_used
-                    del result  # its W and mask would double the block's footprint
-                    weight = module.weight
-                    reports.append(
-                        LinearReport(
-                            name=name,
-                            shape=(weight.shape[0], weight.shape[1]),
-                            seconds=shared + time.perf_counter() - t0,
-                            loss=loss,
-                            rel_error=float("nan"),
-                            weight_sparsity=float((weight == 0).sum()) / weight.numel(),
-                            act_sparsity=float("nan"),
-                            threshold=tau,
-                            damping=damping,
-                        )
-                    )
-                del stats
-            rel, act = self.advance(dense_block, block, call)
-        for r in reports:
-            r.rel_error, r.act_sparsity = rel[r.name], act[r.name]
-            target = cpu_block.get_submodule(r.name).weight
-            target.copy_(block.get_submodule(r.name).weight.to(target.device, target.dtype))
-        return reports, notes
 
 
 def _log_linear(full_name: str, r: LinearReport) -> None:
@@ -392,7 +156,6 @@ def calibrate(
         CalibrationError: unusable inputs (model, data, sizes, existing output), in one line.
     """
     from vllm_duogpt.calibrate.models import resolve_model
-
     from vllm_duogpt.format import write_checkpoint
 
     started = time.perf_counter()
@@ -445,7 +208,7 @@ def calibrate(
         dense = torch.empty(shape, dtype=torch.float32, device=plan.trajectory_device)
         calls = capture_block_inputs(model, windows, dense)
         pruned = dense.clone()
-    driver = _Driver(config, device, calls, dense, pruned, plan)
+    driver = BlockCalibrator(config, device, calls, dense, pruned, plan)
     resumed_seconds = state.seconds
 
     with logging_redirect_tqdm():
@@ -470,11 +233,13 @@ def calibrate(
                 f"{prefix}.{index}.{r.name}.weight": layers[index].get_submodule(r.name).weight
                 for r in reports
             }
+            saving = time.perf_counter()
             save_block(partial_dir, index, weights, dense, pruned, state, fingerprint, digest)
-            peak = _peak_memory(device, driver.held_peak)
+            now = time.perf_counter()
             logger.info(
-                "block %d/%d done in %.1fs, peak memory %s",
-                index + 1, len(layers), time.perf_counter() - start, format_bytes(peak),
+                "block %d/%d done in %.1fs (checkpoint %.1fs), peak memory %s",
+                index + 1, len(layers), now - start, now - saving,
+                format_bytes(_peak_memory(device, driver.held_peak)),
             )  # fmt: skip
 
     held_peak = driver.held_peak

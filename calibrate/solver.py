@@ -260,6 +260,7 @@ def prune_duogpt(
             b = Qs.square().sum(1)
             c = torch.diag(Q) / d
             coef = alpha * (stats.a - b + 2.0 * c)
+            del Q, Qs  # k x k each: the largest layers are memory-bound here
         else:
             P = None
             coef = None

@@ -24,15 +24,27 @@ def _installed_vllm_version() -> str:
     )
 
 
-def main() -> int:
-    """Run vLLM's CLI (``serve``, ``bench``, ...) with the distribution lookup fixed."""
-    version = _installed_vllm_version()
+def patch_vllm_version() -> None:
+    """Make ``importlib.metadata.version("vllm")`` answer for either vLLM build (idempotent).
+
+    Needed before importing code that asks for it at import or parse time: vLLM's CLI and
+    lm-evaluation-harness's vLLM backend.
+    """
     original = metadata.version
+    if getattr(original, "duogpt_patched", False):
+        return
+    version = _installed_vllm_version()
 
     def patched(name: str) -> str:
         return version if name == "vllm" else original(name)
 
+    patched.duogpt_patched = True  # type: ignore[attr-defined]
     metadata.version = patched
+
+
+def main() -> int:
+    """Run vLLM's CLI (``serve``, ``bench``, ...) with the distribution lookup fixed."""
+    patch_vllm_version()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv[0] = "vllm"
