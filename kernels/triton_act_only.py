@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from vllm_duogpt.kernels.triton_common import (
     SEMAPHORE_SLOTS,
     interpreting,

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from vllm_duogpt.kernels.gpu_layout import GpuSparseWeight
 from vllm_duogpt.kernels.triton_common import (
     SEMAPHORE_SLOTS,

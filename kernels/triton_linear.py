@@ -9,6 +9,7 @@ would be frozen at trace time for every batch size.
 from __future__ import annotations
 
 import torch
+
 from vllm_duogpt.kernels.triton_decode import MAX_DECODE_TOKENS, triton_dual_sparse_decode
 from vllm_duogpt.kernels.triton_decode import unavailable_reason as decode_unavailable_reason
 from vllm_duogpt.kernels.triton_prefill import triton_dual_sparse_prefill

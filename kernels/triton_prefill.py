@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from vllm_duogpt.kernels.gpu_layout import GpuSparseWeight
 from vllm_duogpt.kernels.reference import sparsify_activations
 from vllm_duogpt.kernels.triton_common import (

@@ -18,6 +18,7 @@ so the scratch needs no clearing; no host synchronisation.
 from __future__ import annotations
 
 import torch
+
 from vllm_duogpt.kernels.triton_common import (
     interpreting,
     kernel_interpreted,

@@ -22,6 +22,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
 from vllm_duogpt.calibrate import assets_cli, rdata
 from vllm_duogpt.calibrate.austen import BOOKS, AustenNotCachedError, austen_books
 from vllm_duogpt.calibrate.cache import build_once, cache_root

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from vllm_duogpt.kernels import triton_linear
 from vllm_duogpt.kernels.gpu_layout import pack_gpu_weight
 from vllm_duogpt.kernels.reference import dual_sparse_linear_reference

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+
 from vllm_duogpt.kernels import (  # noqa: E402
     triton_act_only,
     triton_decode,
