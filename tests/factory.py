@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from vllm_duogpt import format as fmt
+from vllm_duogpt.calibrate.synthetic import write_sparse_checkpoint
 
 CORPUS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
@@ -79,43 +79,6 @@ def build_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def sparse_linear_names(model: torch.nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
-    ]
-
-
-def input_quantile_thresholds(
-    model: torch.nn.Module, names: list[str], act_sparsity: float, seed: int = 0
-) -> dict[str, float]:
-    """Per-linear thresholds: the act_sparsity quantile of |input| on random token batches."""
-    modules = dict(model.named_modules())
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [
-        modules[n].register_forward_pre_hook(
-            lambda _m, args, n=n: seen[n].append(args[0].detach().abs().flatten())
-        )
-        for n in names
-    ]
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model(torch.randint(2, model.config.vocab_size, (4, 32), generator=gen))
-    for handle in handles:
-        handle.remove()
-    return {n: float(torch.quantile(torch.cat(v), act_sparsity)) for n, v in seen.items()}
-
-
-def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Zero the smallest-magnitude fraction of each row."""
-    drop = int(weight.shape[1] * sparsity)
-    if drop == 0:
-        return weight.clone()
-    idx = weight.abs().argsort(dim=1)[:, :drop]
-    return weight.clone().scatter_(1, idx, 0.0)
-
-
 def make_checkpoint(
     out_dir: Path,
     arch: str = "llama",
@@ -127,15 +90,11 @@ def make_checkpoint(
     tok_dir = out_dir.parent / f".{out_dir.name}-tokenizer"
     tokenizer = build_tokenizer(tok_dir)
     model = build_model(arch, len(tokenizer), seed)
-    names = sparse_linear_names(model)
-    thresholds = input_quantile_thresholds(model, names, act_sparsity, seed)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for name in names:
-        state[f"{name}.weight"] = magnitude_prune(state[f"{name}.weight"], weight_sparsity)
+    tokens = torch.randint(
+        2, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(seed)
+    )
     # Stored in fp16 like a real checkpoint: every kernel keeps 16-bit values exactly, so vLLM
     # (computing in fp32) and the fp32 torch oracle multiply by identical weights.
-    state = {k: v.to(torch.float16) for k, v in state.items()}
-    config = model.config.to_dict()
-    config.update(architectures=[type(model).__name__], dtype="float16")
-    info = {"method": "magnitude", "weight_sparsity": weight_sparsity, "act_sparsity": act_sparsity}
-    return fmt.write_checkpoint(out_dir, state, thresholds, config, info, copy_files_from=tok_dir)
+    return write_sparse_checkpoint(
+        model, out_dir, weight_sparsity, act_sparsity, tokens, torch.float16, tok_dir
+    )

@@ -29,7 +29,7 @@ def test_inspect_json_reports_every_linear(ckpt, capsys):
         assert (row["rows"], row["cols"]) == tuple(weight.shape)
         assert row["weight_sparsity"] == pytest.approx(float((weight == 0).float().mean()))
         assert row["input_threshold"] == pytest.approx(thresholds[name])
-        assert row["dense_bytes"] == weight.numel() * 4
+        assert row["dense_bytes"] == weight.numel() * weight.element_size()
         assert row["ratio"] < 0.6
     totals = report["totals"]
     assert totals["linear_compressed_bytes"] == sum(r["compressed_bytes"] for r in by_name.values())

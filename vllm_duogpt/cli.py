@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="out/demo", help="working directory (default out/demo)")
     p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="calibration window length")
     p.set_defaults(func=_run_demo)
     return parser
