@@ -15,6 +15,8 @@ import torch
 
 logger = logging.getLogger("vllm.duogpt")  # under vLLM's configured logger
 
+_FP16_MAX = 65504.0
+
 
 class DualSparseKernel(Protocol):
     """What the linear method needs from a kernel."""
@@ -91,9 +93,44 @@ class TritonKernel:
         )
 
 
+class CpuSparseKernel:
+    """x86 CPUs: the C++ kernel on the input-channel-major bitmap layout with 16-bit values
+    (kernels/cpu_layout.py); built on first use, AVX2 or AVX-512 chosen at run time."""
+
+    name = "cpu-sparse"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return f"device {device} is not the CPU"
+        from vllm_duogpt.kernels.cpu_kernel import cpu_kernel_available
+
+        available, why = cpu_kernel_available()
+        return None if available else why
+
+    def prepare(self, layer: torch.nn.Module) -> None:
+        from vllm_duogpt.kernels.cpu_layout import pack_cpu_weight
+
+        weight = layer.weight.data
+        # 16-bit checkpoint values are kept bit for bit; fp32 ones are rounded once, to fp16
+        # (11 significant bits) where they fit its range, else to bf16.
+        stored = getattr(layer, "duogpt_checkpoint_dtype", weight.dtype)
+        if stored == torch.float32:
+            stored = torch.float16 if float(weight.abs().max()) <= _FP16_MAX else torch.bfloat16
+        layer.duogpt_cpu_weight = pack_cpu_weight(weight.to(stored))
+        del layer.weight  # only the packed layout stays resident
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear
+
+        # Computes in fp32 (no AVX-512 BF16 on most CPUs) and returns x's dtype.
+        return cpu_dual_sparse_linear(x, layer.duogpt_cpu_weight, layer.duogpt_threshold, bias)
+
+
 def candidate_kernels() -> list[DualSparseKernel]:
     """All kernels in order of preference; the torch reference is always last."""
-    return [TritonKernel(), TorchReferenceKernel()]
+    return [TritonKernel(), CpuSparseKernel(), TorchReferenceKernel()]
 
 
 _logged: set[tuple[str, str]] = set()

@@ -88,6 +88,7 @@ class DuoGPTLinearMethod(LinearMethodBase):
         pending[part] = loaded.detach().cpu()
         if len(pending) < len(fmt.WEIGHT_PARTS):
             return
+        layer.duogpt_checkpoint_dtype = pending[fmt.VALUES].dtype
         dense = fmt.decompress(pending, name).to(layer.weight.dtype)
         pending.clear()
         pending["done"] = True
