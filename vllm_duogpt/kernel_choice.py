@@ -102,8 +102,10 @@ class CpuSparseKernel:
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cpu":
             return f"device {device} is not the CPU"
-        from vllm_duogpt.kernels.cpu_kernel import cpu_kernel_available
-
+        try:
+            from vllm_duogpt.kernels.cpu_kernel import cpu_kernel_available
+        except ImportError as err:
+            return f"CPU kernel module does not import: {err}"
         available, why = cpu_kernel_available()
         return None if available else why
 
