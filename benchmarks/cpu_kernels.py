@@ -1,0 +1,204 @@
+"""Batch-1 decode speed of the CPU dual-sparse kernel against dense baselines, one run, one table.
+
+For each LLaMA-7B projection shape it times dense float32 ``torch.mv``, dense bf16 ``torch.mv``,
+our dense 16-bit kernel (``torch.ops.duogpt.cpu_dense16_mv``: the fair dense 16-bit baseline on
+CPUs where torch's bf16 mv does not stream at memory speed) and the dual-sparse kernel at several
+weight / activation sparsities, and prints time, bytes per second of the bytes each one has to
+read, and speed-ups over dense fp32 and over the best dense 16-bit kernel, all from the same run.
+
+Honest timing: every configuration cycles through enough copies of its weights (``--pool-mib``)
+that they cannot sit in the last-level cache between calls, as a model's layers cannot; the
+kernels of a shape are timed round-robin, so load from other processes hits them alike, and each
+number is the median (and minimum) over ``--repeats`` calls. Ratios come from one run.
+
+Usage::
+
+    python benchmarks/cpu_kernels.py --threads 2
+    python benchmarks/cpu_kernels.py --tokens 4 --shapes 4096x4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
+from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight, pack_cpu_weight
+
+LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/o, up/gate, down
+SPARSITIES = ((0.5, 0.5), (0.5, 0.0), (0.0, 0.5), (0.7, 0.5))  # (weight, activation)
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    shape: str
+    kernel: str
+    seconds: float  # median
+    best: float  # minimum
+    bytes_read: float
+
+
+def time_interleaved(
+    kernels: dict[str, list[Callable[[], object]]], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median and minimum seconds per call of every kernel, timed round-robin.
+
+    Each kernel cycles through its own calls (one per weight copy). Round-robin rather than one
+    kernel after the other, so that a burst of load from other processes hits all kernels alike
+    and the ratios stay fair.
+    """
+    for calls in kernels.values():
+        for call in calls:
+            call()
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for i in range(repeats):
+        for name, calls in kernels.items():
+            call = calls[i % len(calls)]
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def n_copies(nbytes: int, pool_mib: int) -> int:
+    """Copies of a weight needed to exceed the pool size, so calls miss the caches."""
+    return max(2, math.ceil(pool_mib * 2**20 / nbytes))
+
+
+def masked_weight(n: int, k: int, weight_sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    """Random ``[n, k]`` weight with a fraction ``weight_sparsity`` of entries zeroed."""
+    w = torch.randn(n, k, generator=gen) * 0.02
+    return w * (torch.rand(n, k, generator=gen) >= weight_sparsity)
+
+
+def threshold_for(x: torch.Tensor, act_sparsity: float) -> float:
+    """The ``|x|`` quantile that zeroes a fraction ``act_sparsity`` of ``x``."""
+    if act_sparsity <= 0:
+        return 0.0
+    return float(x.abs().flatten().kthvalue(max(1, int(act_sparsity * x.numel()))).values) * (
+        1 + 1e-6
+    )
+
+
+def bytes_touched(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> float:
+    """Bytes of the runs the decode kernel reads for the active channels of ``x``."""
+    active = ((x.abs() >= tau) & (x != 0)).any(0)
+    return float(packed.run_lengths()[:, active].sum()) * 2
+
+
+def bench_shape(
+    n: int, k: int, tokens: int, repeats: int, pool_mib: int, gen: torch.Generator
+) -> list[Row]:
+    """All kernels on one ``[n, k]`` shape."""
+    dense = masked_weight(n, k, 0.0, gen)
+    x = torch.randn(tokens, k, generator=gen)
+    x1, xb = x[0].contiguous(), x.bfloat16()
+    kernels: dict[str, list[Callable[[], object]]] = {}
+    bytes_read: dict[str, float] = {}
+
+    fp32 = [dense.clone() for _ in range(n_copies(n * k * 4, pool_mib))]
+    kernels["dense fp32 torch"] = [
+        lambda w=w: torch.matmul(x, w.t()) if tokens > 1 else torch.mv(w, x1) for w in fp32
+    ]
+    bytes_read["dense fp32 torch"] = n * k * 4
+    bf16 = [dense.bfloat16() for _ in range(n_copies(n * k * 2, pool_mib))]
+    kernels["dense bf16 torch"] = [lambda w=w: torch.matmul(xb, w.t()) for w in bf16]
+    bytes_read["dense bf16 torch"] = n * k * 2
+    if tokens == 1:
+        kernels["dense bf16 ours"] = [
+            lambda w=w: torch.ops.duogpt.cpu_dense16_mv(w, x1) for w in bf16
+        ]
+        bytes_read["dense bf16 ours"] = n * k * 2
+
+    for weight_sparsity, act_sparsity in SPARSITIES:
+        packed = pack_cpu_weight(
+            masked_weight(n, k, weight_sparsity, gen), value_dtype=torch.bfloat16
+        )
+        pool = [packed] + [
+            CpuSparseWeight(
+                packed.data.clone(),
+                packed.offsets.clone(),
+                n,
+                k,
+                packed.panel_rows,
+                packed.value_dtype,
+            )
+            for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
+        ]
+        xs = [torch.randn(tokens, k, generator=gen) for _ in pool]
+        taus = [threshold_for(xi, act_sparsity) for xi in xs]
+        label = f"ours W{round(weight_sparsity * 100)}/X{round(act_sparsity * 100)}"
+        kernels[label] = [
+            lambda p=p, xi=xi, tau=tau: cpu_dual_sparse_linear(xi, p, tau)
+            for p, xi, tau in zip(pool, xs, taus, strict=True)
+        ]
+        bytes_read[label] = bytes_touched(packed, xs[0], taus[0])
+
+    timed = time_interleaved(kernels, repeats)
+    return [Row(f"{n}x{k}", name, *timed[name], bytes_read[name]) for name in kernels]
+
+
+def print_table(rows: list[Row]) -> None:
+    """Median and best time, GB/s of the bytes read, and speed-ups within each shape.
+
+    Speed-ups compare medians (``vs fp32``, ``vs best16``) and, in brackets, minimums: on a shared
+    machine the minimum is the run least disturbed by other processes.
+    """
+    header = (
+        f"{'shape':<11} {'kernel':<20} {'med ms':>7} {'min ms':>7} {'GB/s':>5} "
+        f"{'vs fp32':>15} {'vs best16':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for shape in dict.fromkeys(r.shape for r in rows):
+        group = [r for r in rows if r.shape == shape]
+        fp32 = next(r for r in group if r.kernel.startswith("dense fp32"))
+        best16 = min((r for r in group if "bf16" in r.kernel), key=lambda r: r.seconds)
+        best16_min = min(r.best for r in group if "bf16" in r.kernel)
+        for r in group:
+            print(
+                f"{r.shape:<11} {r.kernel:<20} {r.seconds * 1e3:7.3f} {r.best * 1e3:7.3f} "
+                f"{r.bytes_read / r.seconds / 1e9:5.1f} "
+                f"{fp32.seconds / r.seconds:5.2f}x ({fp32.best / r.best:5.2f}x) "
+                f"{best16.seconds / r.seconds:5.2f}x ({best16_min / r.best:5.2f}x)"
+            )
+
+
+def main() -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1, help="tokens per call (1 = decode)")
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--pool-mib", type=int, default=128, help="weight copies per config")
+    parser.add_argument("--shapes", nargs="*", help="NxK, default the LLaMA-7B projections")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    ok, reason = cpu_kernel_available()
+    if not ok:
+        raise SystemExit(reason)
+    shapes = (
+        [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        if args.shapes
+        else LLAMA7B_SHAPES
+    )
+    print(f"{reason}; threads={args.threads} tokens={args.tokens} repeats={args.repeats}")
+    gen = torch.Generator().manual_seed(args.seed)
+    rows: list[Row] = []
+    for n, k in shapes:
+        rows += bench_shape(n, k, args.tokens, args.repeats, args.pool_mib, gen)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

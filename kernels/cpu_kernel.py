@@ -1,0 +1,200 @@
+"""Host side of the CPU dual-sparse kernel: build on first use, register the op, call it.
+
+The C++ source (``csrc/dual_sparse_cpu.cpp``) is compiled with ``torch.utils.cpp_extension.load``
+the first time a process needs it, into a cache shared by every process on the machine
+(``$DUOGPT_CACHE/torch_extensions`` or ``~/.cache/vllm-duogpt/torch_extensions``). It is compiled
+for the generic x86-64 target, with its AVX2 and AVX-512 variants picked at run time, so a cache
+shared across machines never hands out instructions a CPU lacks; the cache key holds the torch and
+Python versions, and torch's loader rebuilds when the source or flags change. A file lock
+serialises the first build when several vLLM workers start at once.
+
+The library registers ``torch.ops.duogpt.cpu_dual_sparse_linear`` in C++ and this module adds its
+fake implementation (``torch.library.register_fake``), so ``torch.compile`` traces through the op.
+A Python ``torch.library.custom_op`` wrapper would put Python in every call: measured 14 us per
+call against 3.4 us for the C++ op, while a decode layer takes a few hundred microseconds.
+
+Without a compiler the build fails: ``cpu_kernel_available()`` says why, and
+``cpu_dual_sparse_linear`` falls back to the torch reference with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight, pack_cpu_weight, unpack_cpu_weight
+from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
+
+__all__ = [
+    "CpuSparseWeight",
+    "cpu_dual_sparse_linear",
+    "cpu_kernel_available",
+    "pack_cpu_weight",
+]
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_NAME = "duogpt_cpu_kernels"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "dual_sparse_cpu.cpp"
+# Generic target on purpose (see module docstring); OpenMP because ATen's parallel_for is a
+# header template that only spawns threads when the including file is compiled with it.
+CFLAGS = ["-O3", "-fopenmp", "-Wno-unused-function"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_status: tuple[bool, str] | None = None
+_warned = False
+
+
+def cache_dir() -> Path:
+    """Build directory of the extension for this torch, Python and machine architecture."""
+    root = os.environ.get("DUOGPT_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "vllm-duogpt"
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tag}-{platform.machine()}")
+    return base / "torch_extensions" / tag / EXTENSION_NAME
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock across processes; released by the OS if the holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own build baton is the only guard
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_and_load() -> None:
+    from torch.utils import cpp_extension
+
+    build_dir = cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir / "build.lock"):
+        cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+
+    @torch.library.register_fake("duogpt::cpu_dual_sparse_linear")
+    def _(
+        x: torch.Tensor,
+        data: torch.Tensor,
+        offsets: torch.Tensor,
+        out_features: int,
+        panel_rows: int,
+        value_kind: int,
+        threshold: float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("duogpt::cpu_dense16_mv")
+    def _(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(w.shape[0])
+
+
+def cpu_kernel_available() -> tuple[bool, str]:
+    """Build (or load from the cache) the CPU kernel once per process and say whether it runs.
+
+    Call it at weight-loading time: the first call may compile for a minute, and calling it
+    before ``torch.compile`` keeps the build out of tracing.
+
+    Returns:
+        ``(True, description of the ISA in use)`` or ``(False, why the build or load failed)``.
+    """
+    global _status
+    if _status is not None:
+        return _status
+    with _lock:
+        if _status is None:
+            try:
+                _build_and_load()
+                _status = (True, torch.ops.duogpt.cpu_kernel_config(-1, -1))
+            except Exception as exc:  # no compiler, no headers, read-only cache, ...
+                _status = (False, f"CPU kernel build failed: {type(exc).__name__}: {exc}")
+    return _status
+
+
+# x: [..., K] float; packed: [N, K] in the CPU layout; bias: [N] or None
+# out: [..., N] in x's dtype
+def cpu_dual_sparse_linear(
+    x: torch.Tensor,
+    packed: CpuSparseWeight,
+    threshold: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dual-sparse product ``sparsify(x, threshold) @ W.T + bias`` on the CPU layout.
+
+    Computes in float32 (activations are converted when they are not) with the layout's 16-bit
+    weights widened in registers. Up to a token count measured per ISA (95 with AVX-512, 7 with
+    AVX2) only the runs of active channels are read; more tokens decompress a few channels at a
+    time into BLAS.
+
+    Args:
+        x: ``[..., K]`` activations on the CPU.
+        packed: the weight from ``pack_cpu_weight``.
+        threshold: the layer's activation threshold (``|x| < threshold`` is dropped).
+        bias: optional ``[N]`` bias.
+
+    Returns:
+        ``[..., N]`` output in ``x``'s dtype.
+
+    Raises:
+        ValueError: when ``x``'s last dimension is not the weight's ``K``.
+    """
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight K={packed.in_features}")
+    # decode calls take a few hundred microseconds: skip the conversions when there are none
+    plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+    x2 = x if plain else x.reshape(-1, packed.in_features).to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    available = _status[0] if _status is not None else cpu_kernel_available()[0]
+    if available:
+        y = torch.ops.duogpt.cpu_dual_sparse_linear(
+            x2,
+            packed.data,
+            packed.offsets,
+            packed.out_features,
+            packed.panel_rows,
+            packed.value_kind,
+            float(threshold),
+            bias,
+        )
+    else:
+        _warn_fallback()
+        # decompresses the whole layer on every call: a fallback, not a path to serve from
+        weight = unpack_cpu_weight(packed).to(torch.float32)
+        y = dual_sparse_linear_reference(x2, weight, threshold, bias)
+    return y if plain else y.reshape(*x.shape[:-1], packed.out_features).to(x.dtype)
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(
+            "duogpt: %s; using the torch reference (decompresses every call)",
+            cpu_kernel_available()[1],
+        )

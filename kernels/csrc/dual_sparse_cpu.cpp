@@ -1,0 +1,752 @@
+// Dual-sparse linear on CPUs: y = sparsify(x, tau) @ W^T (+ bias), W in the layout of
+// kernels/cpu_layout.py (read its docstring first).
+//
+// Layout recap: output rows are cut into panels of panel_rows; inside a panel every input channel
+// owns one contiguous run of 64-row blocks, [64-bit bitmap (4 uint16 words)][kept 16-bit values
+// in row order], and the channels' runs follow each other. offsets[p * K + k] is the first word of
+// panel p's run for channel k (offsets[n_panel * K] is the end).
+//
+// Paths:
+//   decode  (M < prefill_min_tokens(isa)): threshold inside the kernel, union of active channels.
+//           Threads split the active channels (each reads whole runs, one panel after another,
+//           skipping inactive channels' runs), expand 16-bit values to fp32 in registers,
+//           accumulate a panel in a cache-resident buffer and sum their partial outputs at the
+//           end. Only active channels' bytes are read.
+//   prefill (M >= prefill_min_tokens(isa)): threads take (panel, row slice) units, decompress
+//           a chunk of channels at a time into a small fp32 buffer and hand it to BLAS (addmm):
+//           never a dense copy of the layer.
+// ISA: the file is compiled for the generic target (its cache may be shared across machines);
+// the AVX2 and AVX-512 regions below carry #pragma GCC target and are picked at run time with
+// __builtin_cpu_supports.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DUOGPT_X86 1
+#include <immintrin.h>
+#endif
+
+namespace duogpt_cpu {
+
+constexpr int kBF16 = 0;
+constexpr int kFP16 = 1;
+constexpr int64_t kBlockRows = 64;
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+// Active channels per decode slice below which threads stop splitting them.
+constexpr int64_t kMinSliceChannels = 16;
+// Channels decoded together. Each run's next block address waits on a load and a popcount of
+// the current block's bitmap; four independent runs hide that chain (AVX-512, per 16 rows:
+// 1.0 ns with one channel, 0.76 ns with four).
+constexpr int kGroup = 4;
+// Decode prefetches the first 8 lines of each run of the group after next. Whole runs or no
+// prefetch measured slower, one core at 4096 x 4096: 50% / 50% 1.02 vs 1.09 (whole) vs
+// 1.26 ms (none); 0% / 50% 1.22 vs 1.54 vs 1.43 ms.
+constexpr int64_t kPrefetchHeadWords = 8 * 32;
+// Prefill decompresses kPrefillChunk channels x one unit's rows at a time (64 x 2048 fp32 =
+// 512 KiB at most: inside L2).
+constexpr int64_t kPrefillChunk = 64;
+
+int detect_isa() {
+#ifdef DUOGPT_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt") &&
+                    __builtin_cpu_supports("bmi2");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2")) {
+    return kAvx512;
+  }
+  if (avx2) return kAvx2;
+#endif
+  return kScalar;
+}
+
+// Tests lower these to exercise every path on one machine.
+std::atomic<int> g_max_isa{kAvx512};
+std::atomic<int64_t> g_prefill_min_tokens{-1};  // -1: the measured default of the ISA
+
+int active_isa() {
+  static const int detected = detect_isa();
+  return std::min(detected, g_max_isa.load());
+}
+
+// Token count from which decompress + BLAS beats the decode path. Measured at 4096 x 4096,
+// 50% / 50%, one thread (AMD EPYC Zen 4, whose MKL GEMMs are slow): the AVX-512 decode shares
+// each expanded block between tokens and still wins at 64 tokens (28 vs 41 ms), loses at 96
+// (48 vs 42 ms); the AVX2 decode wins at 4 (5.1 vs 7.7 ms), ties at 8, loses at 12.
+int64_t prefill_min_tokens(int isa) {
+  const int64_t forced = g_prefill_min_tokens.load();
+  if (forced >= 0) return forced;
+  return isa == kAvx512 ? 96 : 8;
+}
+
+struct Layout {
+  const uint16_t* data;
+  const int64_t* offsets;  // [n_panel * K + 1]
+  int64_t N, K, panel_rows, n_panel;
+  int kind;
+
+  const uint16_t* run(int64_t p, int64_t k) const { return data + offsets[p * K + k]; }
+  // the run after (p, k): the next channel's, or the next panel's first
+  const uint16_t* run_end(int64_t p, int64_t k) const { return data + offsets[p * K + k + 1]; }
+  int64_t first_row(int64_t p) const { return p * panel_rows; }
+  int64_t rows(int64_t p) const { return std::min(panel_rows, N - first_row(p)); }
+  int64_t blocks(int64_t p) const { return (rows(p) + kBlockRows - 1) / kBlockRows; }
+};
+
+// Channels with any token's thresholded activation nonzero (NaN counts as nonzero, like the
+// reference), and their thresholded activations, token-minor: xs[i * M + m].
+struct ActiveSet {
+  std::vector<int32_t> idx;
+  std::vector<float> xs;
+};
+
+void collect_active(const float* x, int64_t M, int64_t K, float tau, ActiveSet& a) {
+  a.idx.resize(K);
+  a.xs.resize(K * M);
+  int64_t n = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    bool any = false;
+    for (int64_t m = 0; m < M; ++m) {
+      float v = x[m * K + k];
+      v = std::fabs(v) < tau ? 0.f : v;
+      a.xs[n * M + m] = v;
+      any |= (v != 0.f);
+    }
+    a.idx[n] = static_cast<int32_t>(k);
+    n += any;
+  }
+  a.idx.resize(n);
+  a.xs.resize(n * M);
+}
+
+// One decode unit: panel p, active channels [i0, i1); acc is [M][acc_stride], zeroed.
+struct Pass {
+  int64_t p, i0, i1;
+};
+
+// One prefill unit's rows: blocks [b0, b1) of panel p.
+struct Slice {
+  int64_t p, b0, b1;
+  int64_t rows() const { return (b1 - b0) * kBlockRows; }
+};
+
+inline float to_float(uint16_t bits, int kind) {
+  if (kind == kBF16) return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Floats between two tokens' accumulators of panel p. The 16-float pad keeps them out of the same
+// L1 sets: with a stride that is a multiple of 4 KiB, more than 8 tokens thrash an 8-way L1
+// (measured 10x slower at 12 tokens).
+inline int64_t acc_stride(const Layout& L, int64_t p) {
+  return L.blocks(p) * kBlockRows + 16;
+}
+
+inline uint64_t load_bitmap(const uint16_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return w;
+}
+
+// The block after the one at p (its values are skipped, only its bitmap is read).
+inline const uint16_t* skip_blocks(const uint16_t* p, int64_t n) {
+  for (int64_t b = 0; b < n; ++b) p += 4 + __builtin_popcountll(load_bitmap(p));
+  return p;
+}
+
+#ifdef DUOGPT_X86
+// Heads of the runs of active channels [i, i + kGroup): the hardware streamer follows a run once
+// it has started, but not across the skips between runs.
+inline void prefetch_group_heads(const Layout& L, const ActiveSet& a, const Pass& ps, int64_t i) {
+  for (int64_t j = i; j < std::min(ps.i1, i + kGroup); ++j) {
+    const char* c = reinterpret_cast<const char*>(L.run(ps.p, a.idx[j]));
+    const char* end = reinterpret_cast<const char*>(
+        std::min(L.run_end(ps.p, a.idx[j]), L.run(ps.p, a.idx[j]) + kPrefetchHeadWords));
+    for (; c < end; c += 64) _mm_prefetch(c, _MM_HINT_T2);  // L2: L1 has too few miss buffers
+  }
+}
+#endif
+
+// ---------------------------------------------------------------- portable paths
+
+void decode_pass_scalar(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
+                        float* acc) {
+  const int64_t stride = acc_stride(L, ps.p);
+  for (int64_t i = ps.i0; i < ps.i1; ++i) {
+    const uint16_t* p = L.run(ps.p, a.idx[i]);
+    const float* xs = &a.xs[i * M];
+    for (int64_t b = 0; b < L.blocks(ps.p); ++b) {
+      uint64_t w = load_bitmap(p);
+      const uint16_t* v = p + 4;
+      for (; w; w &= w - 1) {
+        const float wv = to_float(*v++, L.kind);
+        const int64_t r = b * kBlockRows + __builtin_ctzll(w);
+        for (int64_t m = 0; m < M; ++m) acc[m * stride + r] += wv * xs[m];
+      }
+      p = v;
+    }
+  }
+}
+
+// buf[(k - k0) * sl.rows() + r] = W[first row of sl + r, k] for k in [k0, k1).
+void decompress_scalar(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+  std::fill(buf, buf + (k1 - k0) * sl.rows(), 0.f);
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint16_t* p = skip_blocks(L.run(sl.p, k), sl.b0);
+    float* row = buf + (k - k0) * sl.rows();
+    for (int64_t b = 0; b < sl.b1 - sl.b0; ++b) {
+      uint64_t w = load_bitmap(p);
+      const uint16_t* v = p + 4;
+      for (; w; w &= w - 1) row[b * kBlockRows + __builtin_ctzll(w)] = to_float(*v++, L.kind);
+      p = v;
+    }
+  }
+}
+
+}  // namespace duogpt_cpu
+
+#ifdef DUOGPT_X86
+// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
+namespace duogpt_cpu::avx2 {
+
+// pshufb controls, one per bitmap byte (8 rows): bf16 places the value's two bytes in the high
+// half of an fp32 lane (that is the bf16 -> fp32 conversion); fp16 expands to 16-bit lanes for
+// vcvtph2ps. 0x80 writes a zero byte.
+struct Luts {
+  alignas(32) uint8_t bf16[256][32];
+  alignas(16) uint8_t fp16[256][16];
+  Luts() {
+    for (int b = 0; b < 256; ++b) {
+      int rank = 0;
+      for (int r = 0; r < 8; ++r) {
+        const bool kept = (b >> r) & 1;
+        // rows 0-3 sit in the low 128-bit lane, 4-7 in the high one; both lanes hold a copy
+        // of the same 16 source bytes (vbroadcasti128), so ranks index them directly.
+        uint8_t* lane = &bf16[b][4 * r];
+        lane[0] = lane[1] = 0x80;
+        lane[2] = kept ? static_cast<uint8_t>(2 * rank) : 0x80;
+        lane[3] = kept ? static_cast<uint8_t>(2 * rank + 1) : 0x80;
+        fp16[b][2 * r] = kept ? static_cast<uint8_t>(2 * rank) : 0x80;
+        fp16[b][2 * r + 1] = kept ? static_cast<uint8_t>(2 * rank + 1) : 0x80;
+        rank += kept;
+      }
+    }
+  }
+};
+const Luts kLuts;
+
+// 8 rows: the kept values starting at v, expanded to fp32 lanes with zeros for pruned rows.
+// Loads 16 bytes whatever the popcount; `data` ends with padding for that.
+template <int KIND>
+inline __m256 expand8(const uint16_t* v, uint32_t byte) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  if (byte == 0xFF) {  // all 8 rows kept (dense layers): plain widening, no shuffle
+    return KIND == kBF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                         : _mm256_cvtph_ps(raw);
+  }
+  if constexpr (KIND == kBF16) {
+    const __m256i ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLuts.bf16[byte]));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), ctrl));
+  } else {
+    const __m128i ctrl = _mm_load_si128(reinterpret_cast<const __m128i*>(kLuts.fp16[byte]));
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(raw, ctrl));
+  }
+}
+
+// The 64 rows of the block at p as 8 fp32 vectors; returns the next block. Every group's start
+// is an independent popcount of the 64-bit bitmap, so the only serial step between blocks is
+// one load, one popcount and one add.
+template <int KIND>
+inline const uint16_t* expand_block(const uint16_t* p, __m256 w[8]) {
+  const uint64_t bits = load_bitmap(p);
+  const uint16_t* v = p + 4;
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {
+    const uint64_t below = j == 0 ? 0 : _mm_popcnt_u64(bits & ((uint64_t{1} << (8 * j)) - 1));
+    w[j] = expand8<KIND>(v + below, static_cast<uint32_t>(bits >> (8 * j)) & 0xFF);
+  }
+  return v + _mm_popcnt_u64(bits);
+}
+
+// G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. One token
+// keeps a block's 8 sums in registers across the G channels; more tokens go through memory
+// (16 ymm registers do not hold G expanded blocks).
+template <int KIND, int MT, int G>
+inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
+                            int64_t i, float* acc) {
+  const int64_t blocks = L.blocks(ps.p), stride = acc_stride(L, ps.p);
+  const uint16_t* p[G];
+  for (int g = 0; g < G; ++g) p[g] = L.run(ps.p, a.idx[i + g]);
+  const float* xs = &a.xs[i * M];
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* out = acc + b * kBlockRows;
+    if constexpr (MT == 1) {
+      __m256 s[8];
+      for (int j = 0; j < 8; ++j) s[j] = _mm256_loadu_ps(out + 8 * j);
+      for (int g = 0; g < G; ++g) {
+        __m256 w[8];
+        p[g] = expand_block<KIND>(p[g], w);
+        const __m256 x = _mm256_set1_ps(xs[g]);
+        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(w[j], x, s[j]);
+      }
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, s[j]);
+    } else {
+      for (int g = 0; g < G; ++g) {
+        __m256 w[8];
+        p[g] = expand_block<KIND>(p[g], w);
+        for (int64_t m = 0; m < M; ++m) {
+          float* o = out + m * stride;
+          const __m256 x = _mm256_set1_ps(xs[g * M + m]);
+          for (int j = 0; j < 8; ++j) {
+            _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(w[j], x, _mm256_loadu_ps(o + 8 * j)));
+          }
+        }
+      }
+    }
+  }
+}
+
+// MT: the token count when known at compile time (1), else 0 and M at run time.
+template <int KIND, int MT>
+void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
+  const int64_t M = MT ? MT : M_;
+  int64_t i = ps.i0;
+  for (; i + kGroup <= ps.i1; i += kGroup) {
+    prefetch_group_heads(L, a, ps, i + 2 * kGroup);
+    decode_channels<KIND, MT, kGroup>(L, a, M, ps, i, acc);
+  }
+  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1>(L, a, M, ps, i, acc);
+}
+
+template <int KIND>
+void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint16_t* p = skip_blocks(L.run(sl.p, k), sl.b0);
+    float* out = buf + (k - k0) * sl.rows();
+    for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
+      __m256 w[8];
+      p = expand_block<KIND>(p, w);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, w[j]);
+    }
+  }
+}
+
+}  // namespace duogpt_cpu::avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-512 (BW, VL, VBMI2)
+// decode_pass and decompress follow the AVX2 ones with other vectors: a target pragma covers the
+// functions defined inside its region only, and a template shared across regions could not
+// inline the intrinsics.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx2,fma,f16c,popcnt,bmi,bmi2")
+namespace duogpt_cpu::avx512 {
+
+// Half a block (32 rows): vpexpandw spreads the kept values over their rows. bf16 widens by
+// interleaving with zeros, which orders fp32 lanes by 128-bit lane (rows 0-3, 8-11, 16-19, 24-27
+// in `lo`, the others in `hi`); natural_order() undoes it once per pass. fp16 converts in order.
+template <int KIND>
+inline void expand32(const uint16_t* v, uint32_t bits, __m512& lo, __m512& hi) {
+  const __m512i r = _mm512_maskz_expand_epi16(bits, _mm512_loadu_si512(v));
+  if constexpr (KIND == kBF16) {
+    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), r));
+    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), r));
+  } else {
+    lo = _mm512_cvtph_ps(_mm512_castsi512_si256(r));
+    hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(r, 1));
+  }
+}
+
+// The 64 rows of the block at p as 4 fp32 vectors (expand32 order); returns the next block.
+template <int KIND>
+inline const uint16_t* expand_block(const uint16_t* p, __m512 w[4]) {
+  const uint64_t bits = load_bitmap(p);
+  const uint16_t* v = p + 4;
+  const uint32_t low = static_cast<uint32_t>(bits);
+  expand32<KIND>(v, low, w[0], w[1]);
+  expand32<KIND>(v + _mm_popcnt_u32(low), static_cast<uint32_t>(bits >> 32), w[2], w[3]);
+  return v + _mm_popcnt_u64(bits);
+}
+
+// Rewrites 32 accumulators from expand32's bf16 lane order into row order.
+template <int KIND>
+inline void natural_order(float* acc) {
+  if constexpr (KIND == kBF16) {
+    // row n < 16 is lo lane 4 * (n / 8) + n % 8 when n % 8 < 4, else hi lane 4 * (n / 8) + n % 8
+    // - 4 (index + 16 in a two-source permute); rows 16-31 are the same plus 8
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    const __m512 lo = _mm512_loadu_ps(acc), hi = _mm512_loadu_ps(acc + 16);
+    _mm512_storeu_ps(acc, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
+// G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. The
+// expanded blocks of the G channels stay in registers while every token uses them.
+template <int KIND, int MT, int G>
+inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
+                            int64_t i, float* acc) {
+  const int64_t blocks = L.blocks(ps.p), stride = acc_stride(L, ps.p);
+  const uint16_t* p[G];
+  for (int g = 0; g < G; ++g) p[g] = L.run(ps.p, a.idx[i + g]);
+  const float* xs = &a.xs[i * M];
+  for (int64_t b = 0; b < blocks; ++b) {
+    float* out = acc + b * kBlockRows;
+    if constexpr (MT == 1) {
+      __m512 s[4];
+      for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
+      for (int g = 0; g < G; ++g) {
+        __m512 w[4];
+        p[g] = expand_block<KIND>(p[g], w);
+        const __m512 x = _mm512_set1_ps(xs[g]);
+        for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[q], x, s[q]);
+      }
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
+    } else {
+      __m512 w[G][4];
+      for (int g = 0; g < G; ++g) p[g] = expand_block<KIND>(p[g], w[g]);
+      for (int64_t m = 0; m < M; ++m, out += stride) {
+        __m512 s[4];
+        for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
+        for (int g = 0; g < G; ++g) {
+          const __m512 x = _mm512_set1_ps(xs[g * M + m]);
+          for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[g][q], x, s[q]);
+        }
+        for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
+      }
+    }
+  }
+}
+
+// MT: the token count when known at compile time (1), else 0 and M at run time.
+template <int KIND, int MT>
+void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
+  const int64_t M = MT ? MT : M_;
+  int64_t i = ps.i0;
+  for (; i + kGroup <= ps.i1; i += kGroup) {
+    prefetch_group_heads(L, a, ps, i + 2 * kGroup);
+    decode_channels<KIND, MT, kGroup>(L, a, M, ps, i, acc);
+  }
+  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1>(L, a, M, ps, i, acc);
+  const int64_t stride = acc_stride(L, ps.p), rows = L.blocks(ps.p) * kBlockRows;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t r = 0; r < rows; r += 32) natural_order<KIND>(acc + m * stride + r);
+  }
+}
+
+template <int KIND>
+void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint16_t* p = skip_blocks(L.run(sl.p, k), sl.b0);
+    float* out = buf + (k - k0) * sl.rows();
+    for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
+      __m512 w[4];
+      p = expand_block<KIND>(p, w);
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, w[q]);
+      natural_order<KIND>(out);
+      natural_order<KIND>(out + 32);
+    }
+  }
+}
+
+}  // namespace duogpt_cpu::avx512
+#pragma GCC pop_options
+#endif  // DUOGPT_X86
+
+namespace duogpt_cpu {
+
+// ---------------------------------------------------------------- dispatch
+
+void decode_pass(int isa, const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
+                 float* acc) {
+#ifdef DUOGPT_X86
+  const bool bf = L.kind == kBF16;
+  if (isa == kAvx512) {
+    if (M == 1) {
+      return bf ? avx512::decode_pass<kBF16, 1>(L, a, M, ps, acc)
+                : avx512::decode_pass<kFP16, 1>(L, a, M, ps, acc);
+    }
+    return bf ? avx512::decode_pass<kBF16, 0>(L, a, M, ps, acc)
+              : avx512::decode_pass<kFP16, 0>(L, a, M, ps, acc);
+  }
+  if (isa == kAvx2) {
+    if (M == 1) {
+      return bf ? avx2::decode_pass<kBF16, 1>(L, a, M, ps, acc)
+                : avx2::decode_pass<kFP16, 1>(L, a, M, ps, acc);
+    }
+    return bf ? avx2::decode_pass<kBF16, 0>(L, a, M, ps, acc)
+              : avx2::decode_pass<kFP16, 0>(L, a, M, ps, acc);
+  }
+#endif
+  decode_pass_scalar(L, a, M, ps, acc);
+}
+
+void decompress(int isa, const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+#ifdef DUOGPT_X86
+  const bool bf = L.kind == kBF16;
+  if (isa == kAvx512) {
+    return bf ? avx512::decompress<kBF16>(L, sl, k0, k1, buf)
+              : avx512::decompress<kFP16>(L, sl, k0, k1, buf);
+  }
+  if (isa == kAvx2) {
+    return bf ? avx2::decompress<kBF16>(L, sl, k0, k1, buf)
+              : avx2::decompress<kFP16>(L, sl, k0, k1, buf);
+  }
+#endif
+  decompress_scalar(L, sl, k0, k1, buf);
+}
+
+// Few tokens. Splitting the active channels (not the rows) between threads keeps every read a
+// whole run: runs cut into row ranges leave regular gaps that the hardware prefetcher fills with
+// unused lines (a 2.5x slowdown measured). Slices are slice-major, so with one slice per thread
+// each thread owns one slice over all panels: equal work whatever the panel sizes.
+void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float* bias,
+            float* y) {
+  const int64_t nact = a.idx.size();
+  const int64_t n_slice =
+      std::clamp<int64_t>(nact / kMinSliceChannels, 1, at::get_num_threads());
+  at::Tensor partial;  // [n_slice, M, N] when slices must be summed
+  float* part = nullptr;
+  if (n_slice > 1) {
+    partial = at::empty({n_slice, M, L.N}, at::kFloat);
+    part = partial.data_ptr<float>();
+  }
+  at::parallel_for(0, n_slice * L.n_panel, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> acc;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t s = u / L.n_panel, p = u % L.n_panel;
+      const Pass ps{p, nact * s / n_slice, nact * (s + 1) / n_slice};
+      const int64_t stride = acc_stride(L, p), r0 = L.first_row(p);
+      acc.assign(M * stride, 0.f);
+      decode_pass(isa, L, a, M, ps, acc.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const float* src = acc.data() + m * stride;
+        if (part) {
+          std::copy(src, src + L.rows(p), part + (s * M + m) * L.N + r0);
+        } else {
+          for (int64_t r = 0; r < L.rows(p); ++r) {
+            y[m * L.N + r0 + r] = src[r] + (bias ? bias[r0 + r] : 0.f);
+          }
+        }
+      }
+    }
+  });
+  if (!part) return;
+  at::parallel_for(0, M * L.N, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float sum = bias ? bias[j % L.N] : 0.f;
+      for (int64_t s = 0; s < n_slice; ++s) sum += part[s * M * L.N + j];
+      y[j] = sum;
+    }
+  });
+}
+
+// Many tokens: the union of active channels is nearly all of them (method.md section 8), so
+// only weight sparsity helps; decompress a chunk of channels of one unit's rows into a small
+// fp32 buffer and let BLAS do the FMAs with register blocking over tokens. Units are (panel, row
+// slice) with about two per thread; each thread writes only its own output columns.
+void prefill(int isa, const Layout& L, const at::Tensor& xs, const at::Tensor& y) {
+  const int64_t per_panel = std::max<int64_t>(
+      1, (2 * at::get_num_threads() + L.n_panel - 1) / L.n_panel);
+  at::parallel_for(0, L.n_panel * per_panel, 1, [&](int64_t u0, int64_t u1) {
+    at::Tensor buf = at::empty({kPrefillChunk * L.panel_rows}, xs.options());
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u / per_panel, part = u % per_panel, blocks = L.blocks(p);
+      const Slice sl{p, blocks * part / per_panel, blocks * (part + 1) / per_panel};
+      if (sl.b0 == sl.b1) continue;
+      const int64_t r0 = L.first_row(p) + sl.b0 * kBlockRows;
+      const int64_t rows = std::min(sl.rows(), L.N - r0);
+      at::Tensor y_rows = y.narrow(1, r0, rows);
+      for (int64_t k0 = 0; k0 < L.K; k0 += kPrefillChunk) {
+        const int64_t kc = std::min(kPrefillChunk, L.K - k0);
+        decompress(isa, L, sl, k0, k0 + kc, buf.data_ptr<float>());
+        at::Tensor w = buf.narrow(0, 0, kc * sl.rows()).view({kc, sl.rows()});
+        y_rows.addmm_(xs.narrow(1, k0, kc), w.narrow(1, 0, rows));
+      }
+    }
+  });
+}
+
+// x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K + 1] int64; bias: [N] fp32 or None
+// out: [M, N] fp32
+at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
+                                  const at::Tensor& offsets, int64_t out_features,
+                                  int64_t panel_rows, int64_t value_kind, double threshold,
+                                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous [M, K] float32 tensor, got ", x.sizes(), " ", x.dtype());
+  TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kShort && data.is_contiguous(),
+              "data must be contiguous 1-D int16");
+  TORCH_CHECK(panel_rows > 0 && panel_rows % kBlockRows == 0,
+              "panel_rows must be a positive multiple of 64, got ", panel_rows);
+  TORCH_CHECK(value_kind == kBF16 || value_kind == kFP16,
+              "value_kind must be 0 (bf16) or 1 (fp16), got ", value_kind);
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  const int64_t n_panel = (N + panel_rows - 1) / panel_rows;
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == n_panel * K + 1 &&
+                  offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
+              "offsets must be contiguous int64 [", n_panel * K + 1, "], got ", offsets.sizes());
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                    bias->is_contiguous(),
+                "bias must be contiguous float32 [", N, "]");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const Layout L{reinterpret_cast<const uint16_t*>(data.data_ptr<int16_t>()),
+                 offsets.data_ptr<int64_t>(),
+                 N,
+                 K,
+                 panel_rows,
+                 n_panel,
+                 static_cast<int>(value_kind)};
+  const int isa = active_isa();
+  const float tau = static_cast<float>(threshold);
+
+  if (M >= prefill_min_tokens(isa)) {
+    at::Tensor xs = at::where(x.abs() < tau, at::zeros({}, x.options()), x);
+    at::Tensor y = bias_ptr ? bias->unsqueeze(0).expand({M, N}).contiguous()
+                            : at::zeros({M, N}, x.options());
+    if (K > 0 && N > 0) prefill(isa, L, xs, y);
+    return y;
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  ActiveSet active;
+  collect_active(x.data_ptr<float>(), M, K, tau, active);
+  decode(isa, L, active, M, bias_ptr, y.data_ptr<float>());
+  return y;
+}
+
+// ---------------------------------------------------------------- dense 16-bit baseline
+
+#ifdef DUOGPT_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+template <int KIND>
+inline __m256 load8_as_float(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (KIND == kBF16) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  } else {
+    return _mm256_cvtph_ps(raw);
+  }
+}
+
+inline float hsum(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float s = 0.f;
+  for (float l : lanes) s += l;
+  return s;
+}
+
+// y[n] = W[n, :] . x for rows [n0, n1): streams W once at memory speed. Four rows at a time
+// share each load of x (x of a long row does not fit L1), two sums per row hide FMA latency.
+template <int KIND>
+void dense16_rows(const uint16_t* W, const float* x, float* y, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t k16 = K - K % 16;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const uint16_t* row = W + n * K;
+    __m256 s[4][2];
+    for (int r = 0; r < 4; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k16; k += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      for (int r = 0; r < 4; ++r) {
+        s[r][0] = _mm256_fmadd_ps(load8_as_float<KIND>(row + r * K + k), x0, s[r][0]);
+        s[r][1] = _mm256_fmadd_ps(load8_as_float<KIND>(row + r * K + k + 8), x1, s[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      float t = hsum(_mm256_add_ps(s[r][0], s[r][1]));
+      for (int64_t k = k16; k < K; ++k) t += to_float(row[r * K + k], KIND) * x[k];
+      y[n + r] = t;
+    }
+  }
+  for (; n < n1; ++n) {
+    float t = 0.f;
+    for (int64_t k = 0; k < K; ++k) t += to_float(W[n * K + k], KIND) * x[k];
+    y[n] = t;
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// w: [N, K] bf16 or fp16; x: [K] fp32
+// out: [N] fp32
+at::Tensor cpu_dense16_mv(const at::Tensor& w, const at::Tensor& x) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
+                  (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf),
+              "w must be a contiguous [N, K] bf16/fp16 tensor");
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == w.size(1) && x.scalar_type() == at::kFloat &&
+                  x.is_contiguous(),
+              "x must be a contiguous [K] float32 tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  const int kind = w.scalar_type() == at::kBFloat16 ? kBF16 : kFP16;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* xp = x.data_ptr<float>();
+  at::Tensor y = at::empty({N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int isa = active_isa();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+#ifdef DUOGPT_X86
+    if (isa >= kAvx2) {
+      return kind == kBF16 ? dense16_rows<kBF16>(wp, xp, yp, K, n0, n1)
+                           : dense16_rows<kFP16>(wp, xp, yp, K, n0, n1);
+    }
+#endif
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += to_float(wp[n * K + k], kind) * xp[k];
+      yp[n] = s;
+    }
+  });
+  return y;
+}
+
+// Caps the ISA (tests run every path on one machine) and forces the token count from which the
+// prefill path runs (-2: back to the measured default); -1 leaves a setting alone.
+std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_) {
+  if (max_isa >= 0) g_max_isa.store(static_cast<int>(std::min<int64_t>(max_isa, kAvx512)));
+  if (prefill_min_tokens_ >= 0 || prefill_min_tokens_ == -2) {
+    g_prefill_min_tokens.store(prefill_min_tokens_ == -2 ? -1 : prefill_min_tokens_);
+  }
+  const int isa = active_isa();
+  return std::string("isa=") + kIsaNames[isa] + " detected=" + kIsaNames[detect_isa()] +
+         " prefill_min_tokens=" + std::to_string(prefill_min_tokens(isa));
+}
+
+}  // namespace duogpt_cpu
+
+TORCH_LIBRARY_FRAGMENT(duogpt, m) {
+  m.def(
+      "cpu_dual_sparse_linear(Tensor x, Tensor data, Tensor offsets, int out_features, "
+      "int panel_rows, int value_kind, float threshold, Tensor? bias) -> Tensor");
+  m.def("cpu_dense16_mv(Tensor w, Tensor x) -> Tensor");
+  m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens) -> str",
+        &duogpt_cpu::cpu_kernel_config);
+}
+
+TORCH_LIBRARY_IMPL(duogpt, CPU, m) {
+  m.impl("cpu_dual_sparse_linear", &duogpt_cpu::cpu_dual_sparse_linear);
+  m.impl("cpu_dense16_mv", &duogpt_cpu::cpu_dense16_mv);
+}

@@ -1,0 +1,264 @@
+"""The CPU dual-sparse kernel and its layout against the torch reference.
+
+The oracle is ``dual_sparse_linear_reference`` applied to the weight the layout actually holds
+(``unpack_cpu_weight``: the checkpoint values rounded once to 16 bits). Every ISA path the machine
+has (scalar, AVX2, AVX-512) runs over a named table of shapes, weight sparsities {0.5, 0.7},
+activation sparsities {0, 0.5, 0.9, 1.0}, token counts {1, 3, 64} and 1 and 2 threads; the 50%
+case packs a float32 weight (bf16 values), the 70% case an fp16 checkpoint (fp16 values). 64
+tokens take the BLAS path on AVX2 and scalar, the decode path on AVX-512; a separate test forces
+each path for every token count. The first run builds the extension (20-30 s), later runs load
+it from the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from functools import cache
+
+import pytest
+import torch
+
+from vllm_duogpt.kernels import cpu_kernel
+from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
+from vllm_duogpt.kernels.cpu_layout import (
+    CpuSparseWeight,
+    choose_value_dtype,
+    pack_cpu_weight,
+    unpack_cpu_weight,
+)
+from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
+
+SHAPES = {  # name: (out_features N, in_features K)
+    "1x7": (1, 7),
+    "13x37": (13, 37),
+    "100x257": (100, 257),
+    "256x1000": (256, 1000),
+    "llama-ish 512x1376": (512, 1376),
+}
+# weight sparsity -> checkpoint dtype: covers both 16-bit decoders without doubling the table
+WEIGHT_CASES = {0.5: torch.float32, 0.7: torch.float16}
+ACT_SPARSITY = (0.0, 0.5, 0.9, 1.0)
+TOKENS = (1, 3, 64)
+THREADS = (1, 2)
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+TOLERANCE = 2e-6  # fp32 accumulation in another order than BLAS
+
+AVAILABLE, REASON = cpu_kernel_available()
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=REASON)
+
+
+def scale_free_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|y - ref|.mean() / |ref|.mean()``; NaN (which fails every ``<=``) on any NaN."""
+    if torch.isnan(y).any() or torch.isnan(ref).any():
+        return float("nan")
+    return float((y - ref).abs().mean() / ref.abs().mean().clamp_min(1e-30))
+
+
+def masked_weight(n: int, k: int, sparsity: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    return w * (torch.rand(n, k, generator=gen) >= sparsity)
+
+
+def threshold_for(x: torch.Tensor, sparsity: float) -> float:
+    """The ``|x|`` quantile that drops a fraction ``sparsity`` of ``x`` (above the max for 1)."""
+    if sparsity == 0.0:
+        return 0.0
+    if sparsity == 1.0:
+        return float(x.abs().max()) * 2 + 1
+    return float(torch.quantile(x.abs().flatten(), sparsity))
+
+
+@cache
+def packed_case(name: str, sparsity: float) -> tuple[CpuSparseWeight, torch.Tensor]:
+    n, k = SHAPES[name]
+    weight = masked_weight(n, k, sparsity, seed=n * 7919 + k).to(WEIGHT_CASES[sparsity])
+    # small panels: the larger shapes span several, as real layers do with the default 2048
+    packed = pack_cpu_weight(weight, panel_rows=128)
+    return packed, unpack_cpu_weight(packed).float()
+
+
+@pytest.fixture
+def kernel_config() -> Iterator[None]:
+    """Restore the kernel's ISA cap, prefill crossover and torch's thread count after a test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.ops.duogpt.cpu_kernel_config(2, -2)  # all ISAs, measured crossover
+
+
+def supported_isas() -> list[str]:
+    detected = cpu_kernel_available()[1].split("detected=")[1].split()[0] if AVAILABLE else ""
+    return [name for name, level in ISAS.items() if level <= ISAS.get(detected, 0)]
+
+
+# ---------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("panel_rows", [64, 2048])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_round_trip_is_exact(name: str, panel_rows: int) -> None:
+    n, k = SHAPES[name]
+    for dtype in (torch.bfloat16, torch.float16):
+        weight = masked_weight(n, k, 0.5, seed=1).to(dtype)
+        packed = pack_cpu_weight(weight, panel_rows=panel_rows)
+        assert packed.value_dtype == dtype
+        assert torch.equal(unpack_cpu_weight(packed), weight)
+
+
+def test_value_dtype_choice() -> None:
+    weight = torch.randn(8, 8)
+    assert choose_value_dtype(weight) == torch.bfloat16
+    assert choose_value_dtype(weight.half()) == torch.float16
+    assert choose_value_dtype(weight.bfloat16()) == torch.bfloat16
+    assert torch.equal(unpack_cpu_weight(pack_cpu_weight(weight)), weight.bfloat16())
+    forced = pack_cpu_weight(weight, value_dtype=torch.float16)
+    assert torch.equal(unpack_cpu_weight(forced), weight.half())
+
+
+def test_bytes_per_weight_at_half_sparsity() -> None:
+    weight = masked_weight(1024, 2048, 0.5, seed=2)
+    packed = pack_cpu_weight(weight)
+    # values 1.0 + bitmap 0.125 + offsets 8/2048 per weight (docstring of cpu_layout)
+    assert packed.bytes_per_weight == pytest.approx(1.0 + 0.125 + 8 / 2048, abs=0.01)
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D float"):
+        pack_cpu_weight(torch.ones(4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pack_cpu_weight(torch.ones(4, 4), panel_rows=100)
+    packed = pack_cpu_weight(torch.ones(200, 4), panel_rows=64)
+    offsets = packed.offsets.clone()
+    offsets[5] += 1  # panel 1, channel 1
+    corrupt = CpuSparseWeight(packed.data, offsets, 200, 4, 64, packed.value_dtype)
+    with pytest.raises(ValueError, match="disagree"):
+        unpack_cpu_weight(corrupt)
+
+
+# ---------------------------------------------------------------- kernel vs reference
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("weight_sparsity", list(WEIGHT_CASES))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_matches_reference(name: str, weight_sparsity: float, isa: str, kernel_config) -> None:
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.ops.duogpt.cpu_kernel_config(ISAS[isa], -1)
+    packed, weight = packed_case(name, weight_sparsity)
+    n, k = SHAPES[name]
+    gen = torch.Generator().manual_seed(3)
+    for tokens in TOKENS:
+        x = torch.randn(tokens, k, generator=gen)
+        bias = torch.randn(n, generator=gen) if tokens != 3 else None
+        for act_sparsity in ACT_SPARSITY:
+            tau = threshold_for(x, act_sparsity)
+            ref = dual_sparse_linear_reference(x, weight, tau, bias)
+            for threads in THREADS:
+                torch.set_num_threads(threads)
+                y = cpu_dual_sparse_linear(x, packed, tau, bias)
+                err = scale_free_error(y, ref)
+                assert y.shape == ref.shape
+                assert err <= TOLERANCE, (
+                    f"{name} W{weight_sparsity} X{act_sparsity} M={tokens} threads={threads} "
+                    f"{isa}: error {err}"
+                )
+
+
+@needs_kernel
+@pytest.mark.parametrize("crossover", [0, 10**9])
+def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
+    """Every token count through the decode path, and through the BLAS path."""
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover)
+    packed, weight = packed_case("llama-ish 512x1376", 0.5)
+    for tokens in (1, 2, 17, 64):
+        x = torch.randn(tokens, 1376)
+        tau = threshold_for(x, 0.5)
+        err = scale_free_error(
+            cpu_dual_sparse_linear(x, packed, tau), dual_sparse_linear_reference(x, weight, tau)
+        )
+        assert err <= TOLERANCE, f"M={tokens} crossover={crossover}: error {err}"
+
+
+@needs_kernel
+def test_inactive_channels_are_never_read() -> None:
+    """Poison the runs of channels whose activation is zero: the output must not notice."""
+    n, k = 300, 64
+    weight = masked_weight(n, k, 0.5, seed=4).half()
+    packed = pack_cpu_weight(weight, panel_rows=128)  # 3 panels
+    x = torch.randn(2, k)
+    x[:, ::2] = 0.0  # even channels inactive for both tokens
+    data = packed.data.clone()
+    nan_bits = torch.tensor(0x7E00, dtype=torch.int16)  # fp16 NaN, and a bitmap with bits set
+    for panel in range(packed.n_panels):
+        for channel in range(0, k, 2):
+            run = panel * k + channel
+            data[packed.offsets[run] : packed.offsets[run + 1]] = nan_bits
+    poisoned = CpuSparseWeight(data, packed.offsets, n, k, packed.panel_rows, packed.value_dtype)
+    ref = dual_sparse_linear_reference(x, weight.float(), 0.0)
+    assert scale_free_error(cpu_dual_sparse_linear(x, poisoned, 0.0), ref) <= TOLERANCE
+
+
+@needs_kernel
+def test_nan_activation_reaches_the_rows_that_keep_its_channel() -> None:
+    packed, weight = packed_case("100x257", 0.5)
+    x = torch.randn(1, 257)
+    x[0, 5] = float("nan")
+    y = cpu_dual_sparse_linear(x, packed, 0.1)
+    # never silently dropped; SIMD paths also spread it to pruned rows (0 * NaN), like torch
+    assert torch.isnan(y[0, weight[:, 5] != 0]).all()
+
+
+@needs_kernel
+def test_leading_dims_and_dtypes() -> None:
+    packed, weight = packed_case("13x37", 0.5)
+    x = torch.randn(2, 3, 37, dtype=torch.bfloat16)
+    y = cpu_dual_sparse_linear(x, packed, 0.3, torch.ones(13, dtype=torch.bfloat16))
+    ref = dual_sparse_linear_reference(x.float(), weight, 0.3, torch.ones(13)).to(torch.bfloat16)
+    assert y.shape == (2, 3, 13) and y.dtype == torch.bfloat16
+    assert scale_free_error(y.float(), ref.float()) <= 1e-2
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_dual_sparse_linear(torch.randn(1, 36), packed, 0.3)
+
+
+@needs_kernel
+def test_op_traces_under_torch_compile() -> None:
+    packed, weight = packed_case("256x1000", 0.5)
+    x = torch.randn(3, 1000)
+    bias = torch.randn(256)
+    op = torch.ops.duogpt.cpu_dual_sparse_linear.default
+    args = (x, packed.data, packed.offsets, 256, packed.panel_rows, packed.value_kind, 0.5, bias)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+    def layer(inp: torch.Tensor) -> torch.Tensor:
+        return torch.relu(cpu_dual_sparse_linear(inp, packed, 0.5, bias))
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    ref = torch.relu(dual_sparse_linear_reference(x, weight, 0.5, bias))
+    assert scale_free_error(compiled(x), ref) <= TOLERANCE
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense16_baseline_matches_torch(dtype: torch.dtype) -> None:
+    """The benchmark's dense 16-bit baseline computes the product it is timed for."""
+    weight = torch.randn(37, 1001).to(dtype)
+    x = torch.randn(1001)
+    y = torch.ops.duogpt.cpu_dense16_mv(weight, x)
+    assert scale_free_error(y, weight.float() @ x) <= TOLERANCE
+
+
+def test_fallback_warns_once_and_matches(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(cpu_kernel, "_status", (False, "CPU kernel build failed: no compiler"))
+    monkeypatch.setattr(cpu_kernel, "_warned", False)
+    packed, weight = packed_case("13x37", 0.7)
+    x = torch.randn(3, 37)
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        first = cpu_dual_sparse_linear(x, packed, 0.5)
+        cpu_dual_sparse_linear(x, packed, 0.5)
+    assert [r.message for r in caplog.records if "no compiler" in r.message] != []
+    assert len(caplog.records) == 1
+    assert torch.equal(first, dual_sparse_linear_reference(x, weight, 0.5))
