@@ -41,6 +41,18 @@ def _dtype_size(name: str) -> int:
     return {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1}[name]
 
 
+def dense_answer(dense_dir: Path, prompt: str) -> str:
+    """The dense model's greedy answer, for comparison (plain transformers, fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_duogpt.calibrate.models import greedy_chat
+
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype="float32").eval()
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    reply = greedy_chat(model, tokenizer, [{"role": "user", "content": prompt}], 48)
+    return reply.strip()
+
+
 def run_demo(out: str, prompt: str, nsamples: int, seqlen: int) -> int:
     """Run the demo; returns the process exit code."""
     from vllm_duogpt.calibrate.config import CalibrationConfig
@@ -73,12 +85,14 @@ def run_demo(out: str, prompt: str, nsamples: int, seqlen: int) -> int:
         )
         answered = time.monotonic()
     text = answer["choices"][0]["message"]["content"].strip()
+    dense_text = dense_answer(dense_dir, prompt)
 
     summary = summarize(ckpt).to_json()["totals"]
     dense_bytes = dense_weight_bytes(dense_dir)
     print()
     print(f"Q: {prompt}")
-    print(f"A: {text}")
+    print(f"A (duogpt W50/X50, vLLM): {text}")
+    print(f"A (dense, transformers):  {dense_text}")
     print()
     print(f"checkpoint:  {ckpt}")
     print(
