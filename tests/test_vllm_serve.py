@@ -34,6 +34,7 @@ def complete(srv: VllmServer, prompt: str) -> dict:
             "prompt": prompt,
             "max_tokens": MAX_TOKENS,
             "temperature": 0.0,
+            "ignore_eos": True,
             "return_token_ids": True,
         },
     )
@@ -47,11 +48,11 @@ def sixteen_prompts() -> list[str]:
 def test_concurrent_answers_equal_sequential_ones(server):
     srv, _ = server
     prompts = sixteen_prompts()
-    sequential = [complete(srv, p)["text"] for p in prompts]
+    sequential = [complete(srv, p)["token_ids"] for p in prompts]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        concurrent = list(pool.map(lambda p: complete(srv, p)["text"], prompts))
+        concurrent = list(pool.map(lambda p: complete(srv, p)["token_ids"], prompts))
     assert concurrent == sequential
-    assert all(len(text) > 0 for text in sequential)
+    assert all(len(tokens) == MAX_TOKENS for tokens in sequential)
 
 
 def test_served_tokens_match_torch_oracle(server):
