@@ -52,3 +52,18 @@ def test_config_names_the_bad_value(change, message):
 
     with pytest.raises(ValueError, match=message):
         DuoGPTConfig.from_config({**good_config(), **change})
+
+
+def test_kernel_choice_prefers_the_cpu_kernel_and_can_be_forced(monkeypatch):
+    import torch
+
+    from vllm_duogpt.kernel_choice import choose_kernel
+    from vllm_duogpt.kernels.cpu_kernel import cpu_kernel_available
+
+    expected = "cpu-sparse" if cpu_kernel_available()[0] else "torch-reference"
+    assert choose_kernel(torch.device("cpu"), torch.float32).name == expected
+    monkeypatch.setenv("DUOGPT_KERNEL", "torch-reference")
+    assert choose_kernel(torch.device("cpu"), torch.float32).name == "torch-reference"
+    monkeypatch.setenv("DUOGPT_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="not a CUDA GPU"):
+        choose_kernel(torch.device("cpu"), torch.float32)

@@ -9,6 +9,7 @@ what it does not need.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Protocol
 
 import torch
@@ -139,9 +140,23 @@ _logged: set[tuple[str, str]] = set()
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype) -> DualSparseKernel:
-    """The first candidate that can run on ``device`` with ``dtype``; logs the choice once."""
+    """The first candidate that can run on ``device`` with ``dtype``; logs the choice once.
+
+    ``DUOGPT_KERNEL=<name>`` (``triton``, ``cpu-sparse``, ``torch-reference``) forces one kernel,
+    for comparisons; it is an error when that kernel cannot run here.
+
+    Raises:
+        RuntimeError: when no kernel (or not the forced one) can run.
+    """
+    forced = os.environ.get("DUOGPT_KERNEL")
+    candidates = candidate_kernels()
+    if forced:
+        names = [k.name for k in candidates]
+        if forced not in names:
+            raise RuntimeError(f"DUOGPT_KERNEL={forced!r} is not one of {names}")
+        candidates = [k for k in candidates if k.name == forced]
     reasons = []
-    for kernel in candidate_kernels():
+    for kernel in candidates:
         reason = kernel.unavailable_reason(device, dtype)
         if reason is None:
             key = (kernel.name, str(device))
