@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,9 +228,7 @@ def write_checkpoint(
     missing = [name for name in sparse_linears if f"{name}.weight" not in state_dict]
     if missing:
         raise FormatError(f"no weight in the state dict for sparse linears: {missing[:3]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         tensors = dict(_compressed_tensors(state_dict, sparse_linears))
         _write_shards(staging, tensors, max_shard_bytes)
         config = dict(hf_config)
@@ -237,11 +236,24 @@ def write_checkpoint(
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if copy_files_from is not None:
             copy_side_files(Path(copy_files_from), staging)
+    return out
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """A staging directory next to ``out``, renamed to ``out`` only if the block succeeds.
+
+    A killed or failed writer leaves at most a hidden ``.NAME.partial-*`` directory, never
+    something that looks like a finished ``out``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def read_checkpoint(

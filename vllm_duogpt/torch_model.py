@@ -91,8 +91,6 @@ def export_dense(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         FileExistsError: when ``out_dir`` exists.
     """
     import json
-    import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -100,19 +98,13 @@ def export_dense(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output directory")
     state_dict, thresholds, config = fmt.read_checkpoint(ckpt_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with fmt.atomic_directory(out) as staging:
         tensors = {k: v.contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         exported = dense_config(config)
         exported[THRESHOLDS_KEY] = thresholds
         (staging / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True))
         fmt.copy_side_files(Path(ckpt_dir), staging)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
