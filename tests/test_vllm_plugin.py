@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from factory import PROMPTS, make_checkpoint
+from factory import PROMPTS, build_model, build_tokenizer, make_checkpoint
 
+from vllm_duogpt.calibrate.config import CalibrationConfig
+from vllm_duogpt.calibrate.pipeline import calibrate
 from vllm_duogpt.torch_model import load_torch_model
 
 pytestmark = pytest.mark.vllm
@@ -32,6 +34,20 @@ def llama_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def qwen2_ckpt(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("qwen2") / "ckpt", arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="module")
+def calibrated_ckpt(tmp_path_factory) -> Path:
+    """The tiny Llama (fp16, so every kernel keeps its values exactly) calibrated with DuoGPT."""
+    work = tmp_path_factory.mktemp("calibrated")
+    tokenizer = build_tokenizer(work / "dense")
+    model = build_model("llama", len(tokenizer), seed=2).half()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(work / "dense")
+    windows = torch.randint(2, len(tokenizer), (8, 64), generator=torch.Generator().manual_seed(0))
+    config = CalibrationConfig(model=str(work / "dense"), out=work / "ckpt", nsamples=8, seqlen=64)
+    calibrate(config, windows)
+    return work / "ckpt"
 
 
 def run_vllm(ckpt: Path, tmp_path: Path, *flags: str) -> list[dict]:
@@ -84,6 +100,10 @@ def test_tensor_parallel_2_matches_torch_oracle(llama_ckpt, tmp_path):
 
 def test_qwen2_with_qkv_bias_matches_torch_oracle(qwen2_ckpt, tmp_path):
     assert_matches_oracle(qwen2_ckpt, run_vllm(qwen2_ckpt, tmp_path, "--eager"))
+
+
+def test_duogpt_calibrated_checkpoint_matches_torch_oracle(calibrated_ckpt, tmp_path):
+    assert_matches_oracle(calibrated_ckpt, run_vllm(calibrated_ckpt, tmp_path, "--eager"))
 
 
 def test_sparsity_changes_the_output(llama_ckpt, tmp_path):
