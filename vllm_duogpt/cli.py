@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_duogpt.calibrate.assets_cli import add_assets_parsers
     from vllm_duogpt.calibrate.cli import add_calibrate_parser
     from vllm_duogpt.eval_cli import add_eval_parsers
+    from vllm_duogpt.report import add_report_parser
 
     add_calibrate_parser(sub)
     add_assets_parsers(sub)
     add_eval_parsers(sub)
+    add_report_parser(sub)
 
     p = sub.add_parser("inspect", help="per-layer sparsity, thresholds and bytes vs dense")
     p.add_argument("checkpoint", help="DuoGPT checkpoint directory")
