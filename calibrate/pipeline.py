@@ -252,6 +252,8 @@ def calibrate(
         hf_config,
         info,
         copy_files_from=model_dir,
+        # Per-linear metrics (time, loss, error vs dense, sparsities) for `duogpt report`.
+        extra_files={"calibration_report.json": json.dumps({"linears": state.reports}, indent=2)},
     )
     shutil.rmtree(partial_dir, ignore_errors=True)
     seconds = resumed_seconds + time.perf_counter() - started

@@ -113,6 +113,8 @@ def test_end_to_end_sparsity_and_checkpoint(llama_dir, duogpt_run):
     state, thresholds, config = fmt.read_checkpoint(out)
     dense = LlamaForCausalLM.from_pretrained(llama_dir).state_dict()
     assert config["quantization_config"]["alpha"] == 0.25
+    saved = json.loads((out / "calibration_report.json").read_text())["linears"]
+    assert [r["name"] for r in saved] == [r.name for r in report.linears]
     assert sorted(thresholds) == sorted(
         f"model.layers.{i}.{part}.{p}"
         for i in range(2)

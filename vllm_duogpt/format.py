@@ -199,6 +199,7 @@ def write_checkpoint(
     quantization_info: Mapping[str, Any],
     copy_files_from: str | os.PathLike[str] | None = None,
     max_shard_bytes: int = 2 << 30,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a DuoGPT checkpoint directory atomically.
 
@@ -214,6 +215,8 @@ def write_checkpoint(
         quantization_info: calibration settings recorded in ``quantization_config``.
         copy_files_from: a model directory whose tokenizer and generation files are copied.
         max_shard_bytes: largest safetensors shard.
+        extra_files: more text files for the directory (name -> content), e.g. the
+            calibration's per-linear report.
 
     Returns:
         The checkpoint directory.
@@ -236,6 +239,8 @@ def write_checkpoint(
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if copy_files_from is not None:
             copy_side_files(Path(copy_files_from), staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
     return out
 
 
