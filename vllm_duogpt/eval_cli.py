@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -156,4 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Results are written by now. vLLM's CPU engine sometimes aborts during interpreter teardown
+    # ("terminate called without an active exception", SIGABRT) after all work is done, which
+    # turned finished runs into failures; skip the teardown.
+    os._exit(code)
