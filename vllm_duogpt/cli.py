@@ -86,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``duogpt`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``duogpt`` command (``argv`` defaults to ``sys.argv[1:]``) and return its code."""
+    return execute(build_parser().parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run the command parsed into ``args``; bad input is one error line and code 2."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -102,5 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``duogpt`` console script: :func:`main`, then exit with its code.
+
+    Commands that run a vLLM engine in this process (``eval``, ``lm-eval``) exit through
+    :func:`~vllm_duogpt.process_exit.exit_process`, which skips the interpreter teardown vLLM's
+    CPU engine can abort in; the others exit normally.
+    """
+    args = build_parser().parse_args()
+    code = execute(args)
+    if args.command in ("eval", "lm-eval"):
+        from vllm_duogpt.process_exit import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

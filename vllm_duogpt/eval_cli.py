@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 
@@ -157,10 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Results are written by now. vLLM's CPU engine sometimes aborts during interpreter teardown
-    # ("terminate called without an active exception", SIGABRT) after all work is done, which
-    # turned finished runs into failures; skip the teardown.
-    os._exit(code)
+    from vllm_duogpt.process_exit import exit_process
+
+    exit_process(main())
