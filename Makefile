@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(BACKEND),dev,eval]"
+	$(PIP) install -q -e ".[$(BACKEND),dev,eval,ray]"
 ifeq ($(BACKEND),cpu)
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -51,6 +51,15 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--device", default=defaults.device, choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
+        "--workers", type=int, default=defaults.workers,
+        help="Ray workers splitting the samples (1 GPU each with --device cuda, else 1 CPU); "
+        "default 1: no Ray",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", default=defaults.ray_address,
+        help="Ray cluster to join with --workers (auto or HOST:PORT); default: start a local one",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from OUT.partial/"
     )
     parser.add_argument(
@@ -85,6 +94,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
             device=args.device,
             resume=args.resume,
             lazy_values=args.lazy_values,
+            workers=args.workers,
+            ray_address=args.ray_address,
         )
         report = calibrate(config)
     except (CalibrationError, FileNotFoundError, FileExistsError) as err:

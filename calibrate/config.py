@@ -57,6 +57,9 @@ class CalibrationConfig:
         blocksize: lazy-batch columns of the solver (method.md 5.5).
         percdamp: Hessian damping as a fraction of ``mean(diag H)`` (method.md 5.1).
         lazy_values: ``pre_mask`` or ``post_mask`` values in the lazy block update (5.5).
+        workers: Ray workers sharing the samples (data parallel); 1 runs in this process and
+            never imports Ray.
+        ray_address: Ray cluster to join (``auto``, ``host:port``); None starts a local one.
     """
 
     model: str
@@ -75,6 +78,8 @@ class CalibrationConfig:
     blocksize: int = 128
     percdamp: float = 0.01
     lazy_values: str = "pre_mask"
+    workers: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -110,6 +115,8 @@ class CalibrationConfig:
         for flag, value in (("--nsamples", self.nsamples), ("--seqlen", self.seqlen)):
             if int(value) != value or value < 1:
                 raise CalibrationError(f"{flag} {value} must be a positive integer")
+        if int(self.workers) != self.workers or self.workers < 1:
+            raise CalibrationError(f"--workers {self.workers} must be a positive integer")
         if self.blocksize < 1:
             raise CalibrationError(f"blocksize {self.blocksize} must be a positive integer")
         if self.device not in DEVICES:
@@ -134,7 +141,8 @@ class CalibrationConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the partial state."""
         record = asdict(self)
-        for volatile in ("out", "resume", "device"):
+        # Where the work runs does not change the result (up to fp32 summation order).
+        for volatile in ("out", "resume", "device", "workers", "ray_address"):
             record.pop(volatile)
         return record
 

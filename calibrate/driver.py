@@ -12,41 +12,40 @@ For each group of linears sharing an input, in call order ([q, k, v] -> [o] -> [
 
 A last pass runs both paths through the finished block: its outputs overwrite the trajectories
 (the next block's inputs), and each linear's output is compared with its dense counterpart.
-Samples are streamed one at a time; the block runs in fp32 on the calibration device.
+
+The sample passes run in a pool of :class:`~vllm_duogpt.calibrate.sample_shard.SampleShard`
+objects, each over a slice of the samples: one in this process (:class:`LocalShardPool`), or one
+per Ray worker (``ray_pool.RayShardPool``). :class:`BlockCalibrator` combines their partial
+results (threshold values, statistics, error sums) and runs the solves, so both give the same
+checkpoint up to fp32 summation order.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
+import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from vllm_duogpt.calibrate.blocks import (
-    LayerCall,
-    LinearGroup,
-    block_output,
-    capture_hook,
-    hooks,
-    linear_groups,
-    run_until_captured,
-    sparsify_hook,
-)
-from vllm_duogpt.calibrate.config import CalibrationConfig
+from vllm_duogpt.calibrate.blocks import LayerCall
+from vllm_duogpt.calibrate.config import CalibrationConfig, CalibrationError
 from vllm_duogpt.calibrate.memory import MemoryPlan
+from vllm_duogpt.calibrate.sample_shard import OutputSums, SampleShard
 from vllm_duogpt.calibrate.solver import (
     LayerStats,
     SolveResult,
-    accumulate,
-    init_stats,
+    merge_stats,
     prune_duogpt,
     prune_magnitude,
     prune_wanda,
 )
-from vllm_duogpt.calibrate.thresholds import ThresholdEstimator
+from vllm_duogpt.calibrate.thresholds import threshold_for_sparsity
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,183 +74,209 @@ def _derived_seed(seed: int, block: int, group: int) -> int:
     return (seed * 1_000_003 + block * 1_009 + group) % (1 << 63)
 
 
+class WorkerLost(RuntimeError):
+    """A shard's worker died; the block it was working on can be retried on the others."""
+
+
+def solve_linear(
+    config: CalibrationConfig, weight: torch.Tensor, stats: LayerStats | None
+) -> SolveResult | None:
+    """Prune one fp32 weight with the configured method (None: the weight stays as it is)."""
+    if config.weight_sparsity == 0.0:
+        return None
+    pattern = config.solver_pattern
+    if config.method == "magnitude":
+        return prune_magnitude(weight, config.weight_sparsity, pattern)
+    assert stats is not None
+    if config.method == "wanda":
+        return prune_wanda(weight, stats, config.weight_sparsity, pattern)
+    alpha = config.alpha if config.method == "duogpt" else 0.0
+    return prune_duogpt(
+        weight, stats, config.weight_sparsity, pattern, alpha,
+        blocksize=config.blocksize, percdamp=config.percdamp, lazy_values=config.lazy_values,
+    )  # fmt: skip
+
+
+class ShardPool(Protocol):
+    """Where a block's sample passes and solves run (this process, or Ray workers)."""
+
+    def start_block(
+        self, index: int, cpu_block: nn.Module, dense: torch.Tensor, pruned: torch.Tensor
+    ) -> list[list[str]]:
+        """Give every shard its slice of the trajectories and a copy of the block.
+
+        Returns:
+            The block's linear names grouped by shared input, in call order.
+        """
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Run ``SampleShard.method(*args)`` on every shard; results in sample order."""
+
+    def solve(
+        self, weights: list[torch.Tensor], stats: LayerStats | None
+    ) -> list[SolveResult | None]:
+        """``solve_linear`` of every weight with the same statistics."""
+
+    def finish_block(self, dense: torch.Tensor, pruned: torch.Tensor) -> None:
+        """Copy the shards' advanced trajectory slices back into ``dense`` and ``pruned``."""
+
+    def drop_lost_workers(self) -> int:
+        """Forget workers that died; returns how many are left."""
+
+    def peak_bytes(self) -> list[int]:
+        """Each worker's peak memory (empty when the work runs in this process)."""
+
+    def close(self) -> None:
+        """Release the workers."""
+
+
+class LocalShardPool:
+    """One shard over all samples, in this process: trajectories are advanced in place."""
+
+    def __init__(self, config: CalibrationConfig, device: torch.device, calls: list[LayerCall]):
+        self.config = config
+        self.device = device
+        self.calls = calls
+        self.shard: SampleShard | None = None
+
+    def start_block(
+        self, index: int, cpu_block: nn.Module, dense: torch.Tensor, pruned: torch.Tensor
+    ) -> list[list[str]]:
+        self.shard = SampleShard(
+            self.config.nsamples, self.device, self.calls[index], cpu_block, dense, pruned, 0
+        )
+        return self.shard.group_names
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self.shard, method)(*args)]
+
+    def solve(
+        self, weights: list[torch.Tensor], stats: LayerStats | None
+    ) -> list[SolveResult | None]:
+        return [solve_linear(self.config, w.to(self.device), stats) for w in weights]
+
+    def finish_block(self, dense: torch.Tensor, pruned: torch.Tensor) -> None:
+        self.shard = None  # it advanced dense and pruned in place
+
+    def drop_lost_workers(self) -> int:
+        return 1
+
+    def peak_bytes(self) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        self.shard = None
+
+
 class BlockCalibrator:
     """Calibrates blocks one after another, advancing the two trajectories it holds in place."""
 
     def __init__(
         self,
         config: CalibrationConfig,
-        device: torch.device,
-        calls: list[LayerCall],
+        pool: ShardPool,
         dense: torch.Tensor,
         pruned: torch.Tensor,
         plan: MemoryPlan,
     ) -> None:
         self.config = config
-        self.device = device
-        self.calls = calls
+        self.pool = pool
         self.dense = dense
         self.pruned = pruned
         self.plan = plan
         self.held_peak = 0
-
-    def _sample(self, trajectory: torch.Tensor, s: int) -> torch.Tensor:
-        return trajectory[s : s + 1].to(self.device)
 
     def _hold(self, extra: int) -> None:
         self.held_peak = max(
             self.held_peak, self.plan.trajectories + self.plan.block + self.plan.activations + extra
         )
 
-    @torch.no_grad()
-    def threshold(self, block: nn.Module, group: LinearGroup, call: LayerCall, seed: int) -> float:
+    def threshold(self, group: int, seed: int) -> float:
         """Section 3 threshold of the group's input, on the pruned path as it now runs."""
-        if self.config.act_sparsity == 0.0:
+        sparsity = self.config.act_sparsity
+        if sparsity == 0.0:
             return 0.0
-        estimator = ThresholdEstimator(self.config.act_sparsity, self.config.nsamples, seed)
-        with hooks([group.modules[0].register_forward_pre_hook(capture_hook(estimator.update))]):
-            for s in range(self.config.nsamples):
-                run_until_captured(block, self._sample(self.pruned, s), call)
-        return estimator.threshold()
+        values = self.pool.call("threshold_values", group, sparsity, seed)
+        return threshold_for_sparsity(torch.cat(values), sparsity)
 
-    @torch.no_grad()
-    def statistics(
-        self, dense_block: nn.Module, block: nn.Module, group: LinearGroup, call: LayerCall
-    ) -> LayerStats:
-        """Stream every sample through both paths into H, G, a of the group's input (4, 6.3)."""
-        k = group.in_features
-        stats = init_stats(k, self.device)
-        self._hold(2 * k * k * 4)
-        residual = self.config.method == "duogpt"
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep(key: str) -> Callable[[torch.Tensor], None]:
-            return lambda x: seen.__setitem__(key, x)
-
-        # Registered after the group's sparsify hooks, so it sees X^ already thresholded.
-        handles = [group.modules[0].register_forward_pre_hook(capture_hook(keep("hat")))]
-        dense_first = dense_block.get_submodule(group.names[0])
-        handles.append(dense_first.register_forward_pre_hook(capture_hook(keep("dense"))))
-        with hooks(handles):
-            for s in range(self.config.nsamples):
-                if residual:
-                    run_until_captured(dense_block, self._sample(self.dense, s), call)
-                run_until_captured(block, self._sample(self.pruned, s), call)
-                x_dense = seen["dense"].reshape(-1, k) if residual else None
-                accumulate(stats, seen["hat"].reshape(-1, k), x_dense)
-        return stats
-
-    def solve(self, weight: torch.Tensor, stats: LayerStats | None) -> SolveResult | None:
-        """Prune one weight with the configured method (None: weights stay as they are)."""
-        cfg = self.config
-        if cfg.weight_sparsity == 0.0:
-            return None
-        pattern = cfg.solver_pattern
-        if cfg.method == "magnitude":
-            return prune_magnitude(weight, cfg.weight_sparsity, pattern)
-        assert stats is not None
-        if cfg.method == "wanda":
-            return prune_wanda(weight, stats, cfg.weight_sparsity, pattern)
-        alpha = cfg.alpha if cfg.method == "duogpt" else 0.0
-        return prune_duogpt(
-            weight, stats, cfg.weight_sparsity, pattern, alpha,
-            blocksize=cfg.blocksize, percdamp=cfg.percdamp, lazy_values=cfg.lazy_values,
-        )  # fmt: skip
-
-    @torch.no_grad()
-    def advance(
-        self, dense_block: nn.Module, block: nn.Module, call: LayerCall
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """Run both paths through the finished block (in place) and measure every linear.
-
-        Returns:
-            ``(rel_error, act_sparsity)`` by linear name relative to the block.
-        """
-        dense_out: dict[str, torch.Tensor] = {}
-        err: dict[str, torch.Tensor] = {}
-        ref: dict[str, torch.Tensor] = {}
-        zeros: dict[str, int] = {}
-        total: dict[str, int] = {}
-
-        def on_dense(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                dense_out[name] = output
-
-            return hook
-
-        def on_pruned(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                target = dense_out.pop(name)
-                diff = (output - target).double().square().sum()
-                err[name] = err.get(name, 0) + diff
-                ref[name] = ref.get(name, 0) + target.double().square().sum()
-                zeros[name] = zeros.get(name, 0) + int((args[0] == 0).sum())
-                total[name] = total.get(name, 0) + args[0].numel()
-
-            return hook
-
-        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        handles = [dense_block.get_submodule(n).register_forward_hook(on_dense(n)) for n in names]
-        handles += [block.get_submodule(n).register_forward_hook(on_pruned(n)) for n in names]
-        with hooks(handles):
-            for s in range(self.config.nsamples):
-                out_dense = block_output(dense_block, self._sample(self.dense, s), call)
-                out_pruned = block_output(block, self._sample(self.pruned, s), call)
-                self.dense[s].copy_(out_dense[0])
-                self.pruned[s].copy_(out_pruned[0])
-        rel = {n: float((err[n] / ref[n].clamp_min(1e-30)).sqrt()) for n in names}
-        act = {n: zeros[n] / max(total[n], 1) for n in names}
-        return rel, act
-
-    @torch.no_grad()
     def block(self, index: int, cpu_block: nn.Module) -> tuple[list[LinearReport], list[str]]:
-        """Calibrate one decoder block in place (its linear weights are overwritten)."""
-        call = self.calls[index].to(self.device)
-        dense_block = copy.deepcopy(cpu_block).to(device=self.device, dtype=torch.float32)
-        block = copy.deepcopy(dense_block)
+        """Calibrate one decoder block; its linear weights are overwritten when it succeeds.
+
+        A worker lost mid-block (Ray) costs a retry of the block on the remaining workers: the
+        block and the trajectories are only written once every shard has finished.
+        """
+        while True:
+            try:
+                return self._block(index, cpu_block)
+            except WorkerLost as err:
+                left = self.pool.drop_lost_workers()
+                if left == 0:
+                    raise CalibrationError(
+                        f"every calibration worker died ({err}); rerun with --resume to continue "
+                        f"from block {index}"
+                    ) from err
+                logger.warning("block %d: %s; retrying the block on %d worker(s)", index, err, left)
+
+    @torch.no_grad()
+    def _block(self, index: int, cpu_block: nn.Module) -> tuple[list[LinearReport], list[str]]:
+        groups = self.pool.start_block(index, cpu_block, self.dense, self.pruned)
         self._hold(0)
-        groups = linear_groups(block, self._sample(self.pruned, 0), call)
         solving = self.config.weight_sparsity > 0 and self.config.method != "magnitude"
+        residual = self.config.method == "duogpt"
         reports: list[LinearReport] = []
         notes: list[str] = []
-        sparsify: list[torch.utils.hooks.RemovableHandle] = []
-        with hooks(sparsify):
-            for g, group in enumerate(groups):
-                start = time.perf_counter()
-                seed = _derived_seed(self.config.seed, index, g)
-                tau = self.threshold(block, group, call, seed)
-                if tau > 0.0:
-                    hook = sparsify_hook(tau)
-                    sparsify += [m.register_forward_pre_hook(hook) for m in group.modules]
-                stats = self.statistics(dense_block, block, group, call) if solving else None
-                shared = time.perf_counter() - start
-                for name, module in zip(group.names, group.modules, strict=True):
-                    t0 = time.perf_counter()
-                    result = self.solve(module.weight, stats)
-                    loss, damping = 0.0, 0.0
-                    if result is not None:
-                        module.weight.copy_(result.W)
-                        notes += [f"{name}: {w}" for w in result.warnings]
-                        loss, damping = result.loss, result.damping_used
-                    del result  # its W and mask would double the block's footprint
-                    weight = module.weight
-                    reports.append(
-                        LinearReport(
-                            name=name,
-                            shape=(weight.shape[0], weight.shape[1]),
-                            seconds=shared + time.perf_counter() - t0,
-                            loss=loss,
-                            rel_error=float("nan"),
-                            weight_sparsity=float((weight == 0).sum()) / weight.numel(),
-                            act_sparsity=float("nan"),
-                            threshold=tau,
-                            damping=damping,
-                        )
+        pruned_weights: dict[str, torch.Tensor] = {}
+        for g, names in enumerate(groups):
+            start = time.perf_counter()
+            tau = self.threshold(g, _derived_seed(self.config.seed, index, g))
+            if tau > 0.0:
+                self.pool.call("sparsify", g, tau)
+            stats = None
+            if solving:
+                k = cpu_block.get_submodule(names[0]).weight.shape[1]
+                self._hold(2 * k * k * 4)
+                stats = merge_stats(self.pool.call("statistics", g, residual))
+            shared = time.perf_counter() - start
+            originals = [cpu_block.get_submodule(n).weight for n in names]
+            t0 = time.perf_counter()
+            results = self.pool.solve([w.to(torch.float32) for w in originals], stats)
+            # Members are solved together (in parallel on Ray workers): each gets the mean.
+            own = (time.perf_counter() - t0) / len(names)
+            updates = {}
+            for name, original, result in zip(names, originals, results, strict=True):
+                loss, damping = 0.0, 0.0
+                weight = original
+                if result is not None:
+                    weight = result.W.to(device=original.device, dtype=original.dtype)
+                    updates[name] = result.W
+                    notes += [f"{name}: {w}" for w in result.warnings]
+                    loss, damping = result.loss, result.damping_used
+                pruned_weights[name] = weight
+                reports.append(
+                    LinearReport(
+                        name=name,
+                        shape=(weight.shape[0], weight.shape[1]),
+                        seconds=shared + own,
+                        loss=loss,
+                        rel_error=float("nan"),
+                        weight_sparsity=float((weight == 0).sum()) / weight.numel(),
+                        act_sparsity=float("nan"),
+                        threshold=tau,
+                        damping=damping,
                     )
-                del stats
-            rel, act = self.advance(dense_block, block, call)
+                )
+            del results, stats
+            if updates:
+                self.pool.call("set_weights", updates)
+            del updates
+        sums: dict[str, OutputSums] = {}
+        for part in self.pool.call("advance"):
+            for name, value in part.items():
+                sums.setdefault(name, OutputSums()).add(value)
+        self.pool.finish_block(self.dense, self.pruned)
         for r in reports:
-            r.rel_error, r.act_sparsity = rel[r.name], act[r.name]
-            target = cpu_block.get_submodule(r.name).weight
-            target.copy_(block.get_submodule(r.name).weight.to(target.device, target.dtype))
+            s = sums[r.name]
+            r.rel_error = math.sqrt(s.err / max(s.ref, 1e-30))
+            r.act_sparsity = s.zeros / max(s.total, 1)
+            cpu_block.get_submodule(r.name).weight.copy_(pruned_weights[r.name])
         return reports, notes

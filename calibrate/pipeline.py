@@ -29,7 +29,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vllm_duogpt.calibrate.blocks import capture_block_inputs, decoder_layers
 from vllm_duogpt.calibrate.config import CalibrationConfig, CalibrationError
-from vllm_duogpt.calibrate.driver import BlockCalibrator, LinearReport
+from vllm_duogpt.calibrate.driver import (
+    BlockCalibrator,
+    LinearReport,
+    LocalShardPool,
+    ShardPool,
+)
 from vllm_duogpt.calibrate.memory import format_bytes, peak_rss_bytes, plan_memory
 from vllm_duogpt.calibrate.partial import (
     PartialState,
@@ -56,6 +61,8 @@ class CalibrationReport:
         act_sparsity: zeros over all calibrated linears' inputs.
         linears: per-linear metrics, in model order.
         warnings: solver notes (raised damping, dead inputs).
+        worker_peak_bytes: with Ray workers, each worker's peak memory (device memory on GPUs,
+            resident set size on CPUs); empty without.
     """
 
     out_dir: Path
@@ -66,6 +73,7 @@ class CalibrationReport:
     act_sparsity: float
     linears: list[LinearReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    worker_peak_bytes: list[int] = field(default_factory=list)
 
 
 def _device(config: CalibrationConfig) -> torch.device:
@@ -208,9 +216,62 @@ def calibrate(
         dense = torch.empty(shape, dtype=torch.float32, device=plan.trajectory_device)
         calls = capture_block_inputs(model, windows, dense)
         pruned = dense.clone()
-    driver = BlockCalibrator(config, device, calls, dense, pruned, plan)
     resumed_seconds = state.seconds
+    pool = _shard_pool(config, device, calls)
+    driver = BlockCalibrator(config, pool, dense, pruned, plan)
+    try:
+        _calibrate_blocks(driver, layers, prefix, state, started, device, digest)
+        worker_peaks = pool.peak_bytes()
+    finally:
+        pool.close()
 
+    held_peak = driver.held_peak
+    del driver, dense, pruned
+    info = config.quantization_info()
+    out = write_checkpoint(
+        config.out,
+        _unique_tensors(model.state_dict()),
+        state.thresholds,
+        hf_config,
+        info,
+        copy_files_from=model_dir,
+        # Per-linear metrics (time, loss, error vs dense, sparsities) for `duogpt report`.
+        extra_files={"calibration_report.json": json.dumps({"linears": state.reports}, indent=2)},
+    )
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    seconds = resumed_seconds + time.perf_counter() - started
+    report = _final_report(out, state, seconds, _peak_memory(device, held_peak), worker_peaks)
+    logger.info(
+        "calibrated %d linears in %.1fs: weight sparsity %.4f, activation sparsity %.4f, "
+        "peak memory %s, peak RSS %s -> %s",
+        len(report.linears), report.seconds, report.weight_sparsity, report.act_sparsity,
+        format_bytes(report.peak_memory_bytes), format_bytes(report.peak_rss_bytes), out,
+    )  # fmt: skip
+    return report
+
+
+def _shard_pool(config: CalibrationConfig, device: torch.device, calls: list) -> ShardPool:
+    """This process for one worker; Ray actors (imported only then) for more."""
+    if config.workers == 1:
+        return LocalShardPool(config, device, calls)
+    from vllm_duogpt.calibrate.ray_pool import RayShardPool
+
+    return RayShardPool(config, calls)
+
+
+def _calibrate_blocks(
+    driver: BlockCalibrator,
+    layers: nn.ModuleList,
+    prefix: str,
+    state: PartialState,
+    started: float,
+    device: torch.device,
+    digest: str,
+) -> None:
+    """Calibrate the blocks from ``state.next_block`` on, saving resume state after each."""
+    config = driver.config
+    fingerprint = config.fingerprint()
+    resumed_seconds = state.seconds
     with logging_redirect_tqdm():
         bar = tqdm(
             range(state.next_block, len(layers)),
@@ -234,37 +295,16 @@ def calibrate(
                 for r in reports
             }
             saving = time.perf_counter()
-            save_block(partial_dir, index, weights, dense, pruned, state, fingerprint, digest)
+            save_block(
+                config.partial_dir, index, weights, driver.dense, driver.pruned, state,
+                fingerprint, digest,
+            )  # fmt: skip
             now = time.perf_counter()
             logger.info(
                 "block %d/%d done in %.1fs (checkpoint %.1fs), peak memory %s",
                 index + 1, len(layers), now - start, now - saving,
                 format_bytes(_peak_memory(device, driver.held_peak)),
             )  # fmt: skip
-
-    held_peak = driver.held_peak
-    del driver, dense, pruned
-    info = config.quantization_info()
-    out = write_checkpoint(
-        config.out,
-        _unique_tensors(model.state_dict()),
-        state.thresholds,
-        hf_config,
-        info,
-        copy_files_from=model_dir,
-        # Per-linear metrics (time, loss, error vs dense, sparsities) for `duogpt report`.
-        extra_files={"calibration_report.json": json.dumps({"linears": state.reports}, indent=2)},
-    )
-    shutil.rmtree(partial_dir, ignore_errors=True)
-    seconds = resumed_seconds + time.perf_counter() - started
-    report = _final_report(out, state, seconds, _peak_memory(device, held_peak))
-    logger.info(
-        "calibrated %d linears in %.1fs: weight sparsity %.4f, activation sparsity %.4f, "
-        "peak memory %s, peak RSS %s -> %s",
-        len(report.linears), report.seconds, report.weight_sparsity, report.act_sparsity,
-        format_bytes(report.peak_memory_bytes), format_bytes(report.peak_rss_bytes), out,
-    )  # fmt: skip
-    return report
 
 
 def _peak_memory(device: torch.device, held_peak: int) -> int:
@@ -274,7 +314,7 @@ def _peak_memory(device: torch.device, held_peak: int) -> int:
 
 
 def _final_report(
-    out: Path, state: PartialState, seconds: float, peak_memory: int
+    out: Path, state: PartialState, seconds: float, peak_memory: int, worker_peaks: list[int]
 ) -> CalibrationReport:
     linears = []
     for r in state.reports:
@@ -294,4 +334,5 @@ def _final_report(
         act_sparsity=act / max(inputs, 1),
         linears=linears,
         warnings=list(state.warnings),
+        worker_peak_bytes=worker_peaks,
     )

@@ -134,6 +134,35 @@ def accumulate(
     return stats
 
 
+def merge_stats(parts: list[LayerStats]) -> LayerStats:
+    """Statistics of the union of disjoint token sets, from each set's statistics.
+
+    Each part is a token-weighted mean, so the union is ``sum(n_i * S_i) / sum(n_i)``; one part
+    is returned as it is (the single-process path stays bit-identical). Equal to accumulating
+    every token into one :class:`LayerStats` up to fp32 summation order.
+
+    Raises:
+        ValueError: no parts, or parts of different sizes.
+    """
+    if not parts:
+        raise ValueError("no statistics to merge")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if any(p.H.shape != first.H.shape for p in parts):
+        raise ValueError(f"statistics of different sizes: {[tuple(p.H.shape) for p in parts]}")
+    total = sum(p.nsamples for p in parts)
+    merged = init_stats(first.H.shape[0], first.H.device)
+    with _fp32_matmul():
+        for p in parts:
+            weight = p.nsamples / total
+            merged.H.add_(p.H.to(merged.H.device), alpha=weight)
+            merged.G.add_(p.G.to(merged.G.device), alpha=weight)
+            merged.a.add_(p.a.to(merged.a.device), alpha=weight)
+    merged.nsamples = total
+    return merged
+
+
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, list[str]]:
     """Section 5.1-5.2: damp ``H`` and return ``U`` with ``H^-1 = U^T U`` (U upper)."""
     k = H.shape[0]

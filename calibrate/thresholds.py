@@ -6,9 +6,9 @@ calibration entries has ``|x| < tau``; at run time ``x_j := 0`` where ``|x_j| < 
 The exact quantile over all calibration entries does not fit in memory for real models (the
 down-projection input of an 8B model over 128 x 2048 tokens is 3.7e9 values), so the estimator
 keeps a bounded sample: every calibration sample contributes the same number of ``|x|`` values,
-drawn uniformly at random (with replacement) from a seeded generator. When the whole calibration
-set fits in the budget (``max_values``, 2^24 = 64 MiB of fp32 by default) it keeps every entry and
-the quantile is exact. At 2^24 values the standard error of the achieved fraction is
+drawn uniformly at random (with replacement) from a generator seeded per sample. When the whole
+calibration set fits in the budget (``max_values``, 2^24 = 64 MiB of fp32 by default) it keeps
+every entry and the quantile is exact. At 2^24 values the standard error of the achieved fraction is
 ``sqrt(p (1 - p) / 2^24)``, about 1.2e-4 at ``p = 0.5``.
 
 The draws happen on the CPU generator and are then moved to the activations' device, so the same
@@ -16,8 +16,6 @@ seed picks the same entries on CPU and GPU.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -50,13 +48,18 @@ def threshold_for_sparsity(magnitudes: torch.Tensor, sparsity: float) -> float:
 class ThresholdEstimator:
     """Bounded-memory streaming estimate of one input's activation threshold.
 
+    Each calibration sample draws its entries from its own generator, seeded by ``seed`` and the
+    sample's index, so the kept values do not depend on which process saw which samples: shards
+    of the calibration set (the Ray workers) each keep their part, and the threshold of the
+    concatenated :attr:`values` is the one a single process computes.
+
     Args:
         sparsity: target fraction ``p_x`` of entries below the threshold.
-        expected_updates: how many :meth:`update` calls will come (the calibration samples);
-            each may contribute ``max_values / expected_updates`` values.
-        seed: seed of the subsampling generator (the driver derives it from block and input, so a
-            resumed run draws the same entries).
-        max_values: most values kept in total.
+        expected_updates: how many samples the whole calibration set has; each may contribute
+            ``max_values / expected_updates`` values.
+        seed: seed of the subsampling (the driver derives it from block and input, so a resumed
+            run draws the same entries).
+        max_values: about the most values kept in total (over all shards).
     """
 
     def __init__(
@@ -71,35 +74,34 @@ class ThresholdEstimator:
         if expected_updates < 1 or max_values < 1:
             raise ValueError("expected_updates and max_values must be positive")
         self.sparsity = sparsity
-        self.quota = math.ceil(max_values / expected_updates)
-        self.max_values = max_values
-        self.generator = torch.Generator().manual_seed(seed)
+        self.quota = max(1, max_values // expected_updates)
+        self.seed = seed
         self._chunks: list[torch.Tensor] = []
-        self._kept = 0
         self.seen = 0
 
-    def update(self, x: torch.Tensor) -> None:
-        """Record the magnitudes of one calibration sample's activations (any shape)."""
+    def update(self, x: torch.Tensor, sample: int) -> None:
+        """Record the magnitudes of calibration sample number ``sample`` (any shape)."""
+        self.seen += x.numel()
         if self.sparsity == 0.0:
-            self.seen += x.numel()
             return
         flat = x.detach().reshape(-1)
-        quota = min(self.quota, self.max_values - self._kept)
-        if quota <= 0:
-            self.seen += flat.numel()
-            return
-        if flat.numel() > quota:
-            idx = torch.randint(flat.numel(), (quota,), generator=self.generator)
+        if flat.numel() > self.quota:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample)
+            idx = torch.randint(flat.numel(), (self.quota,), generator=generator)
             flat = flat[idx.to(flat.device)]
-        chunk = flat.abs().to(device="cpu", dtype=torch.float32)
-        self._chunks.append(chunk)
-        self._kept += chunk.numel()
-        self.seen += x.numel()
+        self._chunks.append(flat.abs().to(device="cpu", dtype=torch.float32))
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The kept magnitudes (fp32, CPU), in update order."""
+        if not self._chunks:
+            return torch.empty(0)
+        return torch.cat(self._chunks)
 
     @property
     def kept(self) -> int:
         """How many magnitudes are held."""
-        return self._kept
+        return sum(c.numel() for c in self._chunks)
 
     def threshold(self) -> float:
         """The threshold for the values recorded so far.
@@ -111,7 +113,7 @@ class ThresholdEstimator:
             return 0.0
         if not self._chunks:
             raise ValueError("no activations recorded for the threshold")
-        return threshold_for_sparsity(torch.cat(self._chunks), self.sparsity)
+        return threshold_for_sparsity(self.values, self.sparsity)
 
 
 def fraction_below(x: torch.Tensor, threshold: float) -> float:

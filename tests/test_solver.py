@@ -10,6 +10,7 @@ from vllm_duogpt.calibrate.solver import (
     SolverError,
     accumulate,
     init_stats,
+    merge_stats,
     prune_duogpt,
     prune_magnitude,
     prune_wanda,
@@ -79,6 +80,20 @@ def test_accumulate_matches_one_shot_formulas():
     torch.testing.assert_close(stats.H, 2 / 1000 * x_hat.T @ x_hat, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stats.G, 2 / 1000 * dx.T @ x_hat, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stats.a, 2 / 1000 * dx.square().sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_merged_shards_match_one_stream():
+    """Statistics of disjoint token sets (Ray workers) merge into those of the whole stream."""
+    x_dense, x_hat = correlated_inputs(1000, 48, seed=4)
+    whole = stats_of(x_hat, x_dense, chunk=100)
+    parts = [stats_of(x_hat[:300], x_dense[:300], 100), stats_of(x_hat[300:], x_dense[300:], 100)]
+    merged = merge_stats(parts)
+    assert merged.nsamples == 1000
+    for name in ("H", "G", "a"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name))
+    assert merge_stats([whole]) is whole
+    with pytest.raises(ValueError, match="different sizes"):
+        merge_stats([whole, stats_of(x_hat[:, :8], x_dense[:, :8])])
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", (2, 4)])

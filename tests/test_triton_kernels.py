@@ -54,8 +54,14 @@ TOKENS = (1, 3, 16)
 
 def _cases() -> list:
     cases = []
-    grid = [(s, t, a, w, d) for s in SHAPES for t in TOKENS for a in ACT_SPARSITY
-            for w in WEIGHT_SPARSITY for d in DTYPES]
+    grid = [
+        (s, t, a, w, d)
+        for s in SHAPES
+        for t in TOKENS
+        for a in ACT_SPARSITY
+        for w in WEIGHT_SPARSITY
+        for d in DTYPES
+    ]
     for seed, (shape, tokens, act, ws, dtype) in enumerate(grid):
         name = f"{shape}-m{tokens}-x{act}-w{ws}-{str(dtype)[6:]}"
         cases.append(pytest.param(shape, tokens, act, ws, dtype, seed, id=name))
