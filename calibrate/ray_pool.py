@@ -65,14 +65,12 @@ class CalibrationWorker:
         return self.shard.group_names
 
     def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.shard, method)(*args)
+        # Results leave on the CPU: the driver need not see this worker's GPU.
+        return _to_cpu(getattr(self.shard, method)(*args))
 
     def solve(self, weight: torch.Tensor, stats: LayerStats | None) -> SolveResult | None:
         if stats is not None:
-            stats = LayerStats(
-                H=stats.H.to(self.device), G=stats.G.to(self.device),
-                a=stats.a.to(self.device), nsamples=stats.nsamples,
-            )  # fmt: skip
+            stats = _stats_to(stats, self.device)
         result = solve_linear(self.config, weight.to(self.device), stats)
         if result is not None:
             result.W, result.mask = result.W.cpu(), result.mask.cpu()
@@ -91,6 +89,22 @@ class CalibrationWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _stats_to(stats: LayerStats, device: torch.device | str) -> LayerStats:
+    return LayerStats(
+        H=stats.H.to(device), G=stats.G.to(device), a=stats.a.to(device), nsamples=stats.nsamples
+    )
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, LayerStats):
+        return _stats_to(value, "cpu")
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def _slices(nsamples: int, parts: int) -> list[tuple[int, int]]:

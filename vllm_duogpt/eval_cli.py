@@ -1,4 +1,5 @@
-"""The evaluation subcommands of ``duogpt``: ``eval ppl``, ``bench``, ``make-tasks``, ``lm-eval``.
+"""The evaluation subcommands of ``duogpt``: ``eval ppl``, ``bench``, ``sweep``, ``make-tasks``,
+``lm-eval``.
 
 :func:`add_eval_parsers` adds them to the ``duogpt`` parser; ``python -m vllm_duogpt.eval_cli``
 runs them without it. Each subcommand imports its module only when run.
@@ -52,6 +53,28 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.out:
         print(f"wrote {args.out}")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from vllm_duogpt.sweep import SweepSettings, parse_fractions, render_table, run_sweep
+
+    settings = SweepSettings(
+        model=args.model,
+        methods=[m for m in args.methods.split(",") if m],
+        weight_sparsities=parse_fractions(args.weight_sparsity, "--weight-sparsity"),
+        act_sparsities=parse_fractions(args.act_sparsity, "--act-sparsity"),
+        calib_data=args.calib_data,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        eval_data=args.eval_data,
+        eval_seqlen=args.eval_seqlen,
+        eval_windows=args.eval_windows or None,
+        alpha=args.alpha,
+        seed=args.seed,
+    )
+    print(render_table(run_sweep(settings, args.out)))
+    print(f"wrote {args.out}/sweep.json, sweep.md, frontier.png")
     return 0
 
 
@@ -119,6 +142,25 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_bench)
 
     p = subparsers.add_parser(
+        "sweep",
+        help="calibrate a sparsity grid for several methods, evaluate it, plot the frontier",
+    )
+    p.add_argument("model", help="dense model directory or bundled name (smollm2-135m)")
+    p.add_argument("--weight-sparsity", default="0.3,0.5,0.6", help="comma-separated fractions")
+    p.add_argument("--act-sparsity", default="0,0.4,0.5", help="comma-separated fractions")
+    p.add_argument("--methods", default="duogpt,sparsegpt,wanda", help="comma-separated")
+    p.add_argument("--out", default="out/sweep", help="directory (reused by later runs)")
+    p.add_argument("--calib-data", default="austen", help="calibration data spec")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=256, help="calibration window length")
+    p.add_argument("--eval-data", default="austen-pride", help="evaluation text")
+    p.add_argument("--eval-seqlen", type=int, default=256, help="evaluation window length")
+    p.add_argument("--eval-windows", type=int, default=16, help="windows scored; 0 for all")
+    p.add_argument("--alpha", type=float, default=0.25, help="DuoGPT residual scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_sweep)
+
+    p = subparsers.add_parser(
         "make-tasks", help="write offline lm-eval tasks from Pride and Prejudice"
     )
     p.add_argument("out_dir", help="directory for lm-eval's --include_path")
@@ -150,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # CalibrationError is a ValueError
         print(f"duogpt {args.command}: error: {err}", file=sys.stderr)
         return 2
 
