@@ -139,12 +139,9 @@ def calibrated_checkpoint(point: SweepPoint, settings: SweepSettings, out: Path)
     return ckpt
 
 
-def _directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
-
-
 def score_point(point: SweepPoint, model_dir: Path, settings: SweepSettings) -> dict[str, Any]:
     """The point's row: its perplexity and size (the timing is added by :func:`time_point`)."""
+    from vllm_duogpt.bench import checkpoint_file_bytes
     from vllm_duogpt.evaluate import perplexity
 
     ppl = perplexity(
@@ -158,7 +155,7 @@ def score_point(point: SweepPoint, model_dir: Path, settings: SweepSettings) -> 
         # report.py plots rows with method None as the dense reference
         "method": None if point.method == DENSE else point.method,
         "ppl": ppl.ppl,
-        "model_bytes": _directory_bytes(model_dir),
+        "model_bytes": checkpoint_file_bytes(model_dir),
         "checkpoint": str(model_dir),
     }
 
