@@ -12,6 +12,7 @@ from factory import CORPUS, build_model, build_tokenizer
 from vllm_duogpt import format as fmt
 from vllm_duogpt.eval_cli import main as eval_main
 from vllm_duogpt.evaluate import perplexity
+from vllm_duogpt.report import PLOT_DIR, SWEEP_PLOT, generate_report
 from vllm_duogpt.sweep import (
     FRONTIER_PLOT,
     SWEEP_JSON,
@@ -106,8 +107,12 @@ def test_sweep_writes_measured_rows_and_reuses_checkpoints(dense_dir, text_file,
     assert "| wanda | 0.5 | 0.5 |" in (out / SWEEP_TABLE).read_text()
     assert (out / FRONTIER_PLOT).read_bytes().startswith(PNG_MAGIC)
 
-    # A larger grid in the same directory calibrates only the new points.
+    # The model card of one of the points plots the sweep.
     ckpt = out / "checkpoints" / "duogpt-w0.5-x0.5"
+    assert generate_report(ckpt, sweep_json=out / SWEEP_JSON).exists()
+    assert (ckpt / PLOT_DIR / SWEEP_PLOT).read_bytes().startswith(PNG_MAGIC)
+
+    # A larger grid in the same directory calibrates only the new points.
     mtime = (ckpt / "config.json").stat().st_mtime_ns
     caplog.clear()
     caplog.set_level(logging.INFO, logger="vllm_duogpt.sweep")

@@ -46,7 +46,8 @@ def generate_report(
         ckpt_dir: a DuoGPT checkpoint directory.
         eval_jsons: ``duogpt eval ppl --json`` results (PerplexityResult fields).
         bench_json: a ``duogpt bench --out`` file.
-        sweep_json: a calibration-table JSON (``{"settings", "rows"}``) to plot perplexity of.
+        sweep_json: `duogpt sweep`'s or a calibration-table JSON (``{"settings", "rows"}``) to
+            plot perplexity of.
 
     Returns:
         The path of the written ``README.md``.
@@ -354,7 +355,8 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--bench-json", metavar="FILE", help="results from `duogpt bench --out`")
     p.add_argument(
         "--sweep-json", metavar="FILE",
-        help="calibration-table JSON (benchmarks/calibration_table.py) to plot perplexity of",
+        help="sweep.json of `duogpt sweep` (or benchmarks/calibration_table.py's JSON) to plot "
+        "perplexity per setting",
     )  # fmt: skip
     p.set_defaults(func=run_report)
     return p
