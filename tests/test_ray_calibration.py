@@ -33,7 +33,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("ray") / "dense", layers=6, seed=3)
+    return save_tiny(tmp_path_factory.mktemp("ray") / "dense", layers=12, seed=3)
 
 
 @pytest.fixture(scope="module")
