@@ -270,7 +270,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def plot_frontier(data: dict[str, Any], path: Path) -> None:
     """Perplexity against measured speed-up, one colour per method, each method's front drawn."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(9, 6), layout="constrained")
     ax = fig.subplots()
@@ -294,7 +294,9 @@ def plot_frontier(data: dict[str, Any], path: Path) -> None:
         ax.scatter([dense["speedup"]], [dense["ppl"]], marker="*", s=150, color="black",
                    label=f"dense ({dense['ppl']:.1f})", zorder=4)  # fmt: skip
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     s = data["settings"]
     ax.set_xlabel("decoder-linear speed-up over dense fp32 at batch 1 (measured, ×)")
     ax.set_ylabel(f"perplexity on {s['eval_data']} (log scale, lower is better)")
