@@ -35,7 +35,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from vllm_duogpt.demo import run_demo
 
-    return run_demo(args.out, args.prompt, args.nsamples, args.seqlen)
+    return run_demo(
+        args.out, args.prompt, args.nsamples, args.seqlen, args.weight_sparsity, args.act_sparsity
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="calibration window length")
+    p.add_argument("--weight-sparsity", type=float, default=0.3, help="default 0.3")
+    p.add_argument("--act-sparsity", type=float, default=0.5, help="default 0.5")
     p.set_defaults(func=_run_demo)
     return parser
 
