@@ -220,7 +220,7 @@ def calibrate(
     pool = _shard_pool(config, device, calls)
     driver = BlockCalibrator(config, pool, dense, pruned, plan)
     try:
-        _calibrate_blocks(driver, layers, prefix, state, started, device, digest)
+        _calibrate_blocks(driver, layers, prefix, state, started, device, fingerprint, digest)
         worker_peaks = pool.peak_bytes()
     finally:
         pool.close()
@@ -266,11 +266,11 @@ def _calibrate_blocks(
     state: PartialState,
     started: float,
     device: torch.device,
+    fingerprint: dict[str, Any],
     digest: str,
 ) -> None:
     """Calibrate the blocks from ``state.next_block`` on, saving resume state after each."""
     config = driver.config
-    fingerprint = config.fingerprint()
     resumed_seconds = state.seconds
     with logging_redirect_tqdm():
         bar = tqdm(

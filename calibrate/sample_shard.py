@@ -22,6 +22,7 @@ from vllm_duogpt.calibrate.blocks import (
     LinearGroup,
     block_output,
     capture_hook,
+    hooks,
     linear_groups,
     run_until_captured,
     sparsify_hook,
@@ -108,12 +109,10 @@ class SampleShard:
         handle = first.register_forward_pre_hook(
             capture_hook(lambda x: estimator.update(x, current["sample"]))
         )
-        try:
+        with hooks([handle]):
             for s in range(len(self.pruned)):
                 current["sample"] = self.first_sample + s
                 run_until_captured(self.block, self._sample(self.pruned, s), self.call)
-        finally:
-            handle.remove()
         return estimator.values
 
     def sparsify(self, group: int, threshold: float) -> None:
@@ -140,16 +139,13 @@ class SampleShard:
         handles = [members.modules[0].register_forward_pre_hook(capture_hook(keep("hat")))]
         dense_first = self.dense_block.get_submodule(members.names[0])
         handles.append(dense_first.register_forward_pre_hook(capture_hook(keep("dense"))))
-        try:
+        with hooks(handles):
             for s in range(len(self.pruned)):
                 if residual:
                     run_until_captured(self.dense_block, self._sample(self.dense, s), self.call)
                 run_until_captured(self.block, self._sample(self.pruned, s), self.call)
                 x_dense = seen["dense"].reshape(-1, k) if residual else None
                 accumulate(stats, seen["hat"].reshape(-1, k), x_dense)
-        finally:
-            for handle in handles:
-                handle.remove()
         return stats
 
     @torch.no_grad()
@@ -193,14 +189,12 @@ class SampleShard:
             self.dense_block.get_submodule(n).register_forward_hook(on_dense(n)) for n in names
         ]
         handles += [self.block.get_submodule(n).register_forward_hook(on_pruned(n)) for n in names]
-        try:
+        # The group thresholds' hooks go too: the block is finished.
+        sparsify, self._sparsify = self._sparsify, []
+        with hooks(handles + sparsify):
             for s in range(len(self.pruned)):
                 out_dense = block_output(self.dense_block, self._sample(self.dense, s), self.call)
                 out_pruned = block_output(self.block, self._sample(self.pruned, s), self.call)
                 self.dense[s].copy_(out_dense[0])
                 self.pruned[s].copy_(out_pruned[0])
-        finally:
-            for handle in handles + self._sparsify:
-                handle.remove()
-            self._sparsify = []
         return sums

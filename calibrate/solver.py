@@ -153,12 +153,11 @@ def merge_stats(parts: list[LayerStats]) -> LayerStats:
         raise ValueError(f"statistics of different sizes: {[tuple(p.H.shape) for p in parts]}")
     total = sum(p.nsamples for p in parts)
     merged = init_stats(first.H.shape[0], first.H.device)
-    with _fp32_matmul():
-        for p in parts:
-            weight = p.nsamples / total
-            merged.H.add_(p.H.to(merged.H.device), alpha=weight)
-            merged.G.add_(p.G.to(merged.G.device), alpha=weight)
-            merged.a.add_(p.a.to(merged.a.device), alpha=weight)
+    for p in parts:
+        weight = p.nsamples / total
+        merged.H.add_(p.H.to(merged.H.device), alpha=weight)
+        merged.G.add_(p.G.to(merged.G.device), alpha=weight)
+        merged.a.add_(p.a.to(merged.a.device), alpha=weight)
     merged.nsamples = total
     return merged
 

@@ -77,11 +77,9 @@ class ThresholdEstimator:
         self.quota = max(1, max_values // expected_updates)
         self.seed = seed
         self._chunks: list[torch.Tensor] = []
-        self.seen = 0
 
     def update(self, x: torch.Tensor, sample: int) -> None:
         """Record the magnitudes of calibration sample number ``sample`` (any shape)."""
-        self.seen += x.numel()
         if self.sparsity == 0.0:
             return
         flat = x.detach().reshape(-1)
