@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from vllm_duogpt import format as fmt
-from vllm_duogpt.calibrate.blocks import decoder_layers
+from vllm_duogpt.calibrate.blocks import decoder_layers, hooks
 from vllm_duogpt.evaluate import load_hf_model, model_kind
+from vllm_duogpt.torch_model import build_torch_model
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,8 @@ def capture_inputs(
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
-    try:
+    with hooks([model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]):
         model(tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
     return seen
 
 
@@ -115,12 +112,16 @@ def decoder_linear_time(
         raise ValueError(f"{model_dir} is an exported dense copy; time the DuoGPT checkpoint")
     if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] < positions:
         raise ValueError(f"tokens must be [1, T>={positions}], got {tuple(tokens.shape)}")
-    model = load_hf_model(model_dir)
+    if kind == "duogpt":
+        # Read once: the model, and the stored dtype and threshold of every linear.
+        state, thresholds, config = fmt.read_checkpoint(model_dir)
+        model = build_torch_model(state, thresholds, config, source=str(model_dir))
+    else:
+        model = load_hf_model(model_dir)
     linears = _decoder_linears(model)
     inputs = capture_inputs(model, list(linears), tokens, positions)
     calls: list[Callable[[torch.Tensor], object]] = []
     if kind == "duogpt":
-        state, thresholds, _ = fmt.read_checkpoint(model_dir)
         kernel = choose_kernel(torch.device("cpu"), torch.float32)
         for name, linear in linears.items():
             layer = nn.Module()

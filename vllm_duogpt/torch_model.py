@@ -66,15 +66,27 @@ def load_torch_model(
     Returns:
         The model in eval mode, activation-sparsity hooks attached.
     """
+    state_dict, thresholds, config = fmt.read_checkpoint(ckpt_dir)
+    return build_torch_model(state_dict, thresholds, config, dtype, source=str(ckpt_dir))
+
+
+def build_torch_model(
+    state_dict: Mapping[str, torch.Tensor],
+    thresholds: Mapping[str, float],
+    config: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    source: str = "checkpoint",
+) -> torch.nn.Module:
+    """:func:`load_torch_model` from what ``format.read_checkpoint`` returned (``source`` names
+    it in errors), for callers that need the decompressed tensors as well."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    state_dict, thresholds, config = fmt.read_checkpoint(ckpt_dir)
     hf_config = AutoConfig.for_model(**dense_config(config))
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [m for m in missing if not _is_tied(model, m)]
     if missing or unexpected:
-        raise fmt.FormatError(f"{ckpt_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise fmt.FormatError(f"{source}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.eval()
     add_activation_sparsity(model, thresholds)
     return model
