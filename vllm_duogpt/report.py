@@ -68,15 +68,15 @@ def generate_report(
     plot_dir = ckpt / PLOT_DIR
     plot_dir.mkdir(exist_ok=True)
     plots = {"layers": LAYER_PLOT, "bytes": BYTES_PLOT}
-    _atomic_png(plot_dir / LAYER_PLOT, lambda fig: _plot_layers(fig, summary.linears))
-    _atomic_png(plot_dir / BYTES_PLOT, lambda fig: _plot_bytes(fig, summary.linears))
+    atomic_png(plot_dir / LAYER_PLOT, lambda fig: _plot_layers(fig, summary.linears))
+    atomic_png(plot_dir / BYTES_PLOT, lambda fig: _plot_bytes(fig, summary.linears))
     if sweep is not None:
-        _atomic_png(plot_dir / SWEEP_PLOT, lambda fig: _plot_sweep(fig, sweep))
+        atomic_png(plot_dir / SWEEP_PLOT, lambda fig: _plot_sweep(fig, sweep))
         plots["sweep"] = SWEEP_PLOT
 
     text = render_card(ckpt.name, summary, errors, evals, bench, plots)
     out = ckpt / README
-    _atomic_write(out, text.encode())
+    atomic_write(out, text.encode())
     logger.info("wrote %s and %d plots in %s", out, len(plots), plot_dir)
     return out
 
@@ -264,17 +264,20 @@ def _sweep_label(row: dict[str, Any]) -> str:
     return label if method.lower() in label.lower() else f"{method} {label}"
 
 
-def _atomic_png(path: Path, draw: Any) -> None:
+def atomic_png(
+    path: Path, draw: Any, figsize: tuple[float, float] = (8, 6), dpi: int = 100
+) -> None:
+    """Draw a figure with ``draw(fig)`` and write it to ``path`` as a PNG, atomically."""
     from matplotlib.figure import Figure
 
     # A bare Figure uses the Agg canvas for PNG and leaves pyplot's global state alone.
-    fig = Figure(figsize=(8, 6), layout="constrained")
+    fig = Figure(figsize=figsize, layout="constrained")
     draw(fig)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; a model card is meant to be read by others
         with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=100)
+            fig.savefig(handle, format="png", dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -284,7 +287,8 @@ def _atomic_png(path: Path, draw: Any) -> None:
 # --- inputs and helpers ----------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)

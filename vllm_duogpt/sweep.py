@@ -15,7 +15,7 @@ is resumed. Each point gets:
 
 Rows are saved to ``OUT/sweep.json`` as they finish (a killed sweep keeps them); the table goes
 to ``OUT/sweep.md`` and the frontier plot to ``OUT/frontier.png``. ``sweep.json`` has the
-``{"settings", "rows"}`` shape ``duogpt report --sweep`` reads.
+``{"settings", "rows"}`` shape ``duogpt report --sweep-json`` reads.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from vllm_duogpt.report import atomic_png, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +185,7 @@ def _load_rows(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save(path: Path, settings: dict[str, Any], rows: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n").encode())
 
 
 def run_sweep(settings: SweepSettings, out: str | os.PathLike[str]) -> dict[str, Any]:
@@ -228,7 +228,7 @@ def run_sweep(settings: SweepSettings, out: str | os.PathLike[str]) -> dict[str,
         row["speedup"] = dense_ms / row["linear_ms_per_token"]
     _save(out / SWEEP_JSON, record, rows)
     data = {"settings": record, "rows": rows}
-    (out / SWEEP_TABLE).write_text(render_table(data) + "\n")
+    atomic_write(out / SWEEP_TABLE, (render_table(data) + "\n").encode())
     plot_frontier(data, out / FRONTIER_PLOT)
     return data
 
@@ -269,10 +269,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot_frontier(data: dict[str, Any], path: Path) -> None:
     """Perplexity against measured speed-up, one colour per method, each method's front drawn."""
-    from matplotlib.figure import Figure
+    atomic_png(path, lambda fig: _draw_frontier(fig, data), figsize=(9, 6), dpi=120)
+
+
+def _draw_frontier(fig: Any, data: dict[str, Any]) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig = Figure(figsize=(9, 6), layout="constrained")
     ax = fig.subplots()
     rows = list(data["rows"].values())
     markers = {"duogpt": "o", "sparsegpt": "s", "wanda": "^", ACTIVATION_ONLY: "D"}
@@ -303,6 +305,3 @@ def plot_frontier(data: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{s['model']}: accuracy vs decode speed (lines: each method's frontier)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
