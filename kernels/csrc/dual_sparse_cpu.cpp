@@ -175,8 +175,8 @@ inline const uint16_t* skip_blocks(const uint16_t* p, int64_t n) {
 
 // Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in
 // the order it reads them, kPrefetchAheadBytes ahead of its reads (the pass reports what it has
-// read every kReportBlocks blocks). The hardware prefetcher cannot: it stops at every skipped run and
-// ramps up again, and with all runs active it still left the pass waiting on memory.
+// read every kReportBlocks blocks). The hardware prefetcher cannot: it stops at every skipped
+// run, and even with all runs active it left the pass waiting on memory.
 class RunPrefetcher {
  public:
   RunPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps)
