@@ -1,7 +1,7 @@
 """Batch-1 decode speed of the CPU dual-sparse kernel against dense baselines, one run, one table.
 
 For each LLaMA-7B projection shape it times dense float32 ``torch.mv``, dense bf16 ``torch.mv``,
-our dense 16-bit kernel (``torch.ops.duogpt.cpu_dense16_mv``: the fair dense 16-bit baseline on
+our dense 16-bit kernel (``torch.ops.duogpt.cpu_dense16_linear``: the fair dense 16-bit baseline on
 CPUs where torch's bf16 mv does not stream at memory speed) and the dual-sparse kernel at several
 weight / activation sparsities, and prints time, bytes per second of the bytes each one has to
 read, and speed-ups over dense fp32 and over the best dense 16-bit kernel, all from the same run.
@@ -114,7 +114,7 @@ def bench_shape(
     bytes_read["dense bf16 torch"] = n * k * 2
     if tokens == 1:
         kernels["dense bf16 ours"] = [
-            lambda w=w: torch.ops.duogpt.cpu_dense16_mv(w, x1) for w in bf16
+            lambda w=w: torch.ops.duogpt.cpu_dense16_linear(x[:1], w, None) for w in bf16
         ]
         bytes_read["dense bf16 ours"] = n * k * 2
 

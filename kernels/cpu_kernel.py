@@ -109,9 +109,9 @@ def _build_and_load() -> None:
     ) -> torch.Tensor:
         return x.new_empty(x.shape[0], out_features)
 
-    @torch.library.register_fake("duogpt::cpu_dense16_mv")
-    def _(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(w.shape[0])
+    @torch.library.register_fake("duogpt::cpu_dense16_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 def cpu_kernel_available() -> tuple[bool, str]:

@@ -242,13 +242,28 @@ def test_op_traces_under_torch_compile() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense16_baseline_matches_torch(dtype: torch.dtype) -> None:
-    """The benchmark's dense 16-bit baseline computes the product it is timed for."""
-    weight = torch.randn(37, 1001).to(dtype)
-    x = torch.randn(1001)
-    y = torch.ops.duogpt.cpu_dense16_mv(weight, x)
-    assert scale_free_error(y, weight.float() @ x) <= TOLERANCE
+def test_dense16_linear_matches_torch(dtype: torch.dtype, isa: str, kernel_config) -> None:
+    """The dense 16-bit product (benchmark baseline, 16-bit lm_head) against torch in fp32.
+
+    37 rows and K = 1001 leave remainders after the 4-row groups and the 16-wide vectors; the
+    token counts cover one token, a 4-token tile, and tiles plus leftovers.
+    """
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.ops.duogpt.cpu_kernel_config(ISAS[isa], -1)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(37, 1001, generator=gen).to(dtype)
+    bias = torch.randn(37, generator=gen)
+    for tokens in (1, 4, 11):
+        x = torch.randn(tokens, 1001, generator=gen)
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            y = torch.ops.duogpt.cpu_dense16_linear(x, weight, None)
+            assert scale_free_error(y, x @ weight.float().T) <= TOLERANCE, (tokens, threads)
+            y = torch.ops.duogpt.cpu_dense16_linear(x, weight, bias)
+            assert scale_free_error(y, x @ weight.float().T + bias) <= TOLERANCE, (tokens, threads)
 
 
 def test_fallback_warns_once_and_matches(monkeypatch, caplog) -> None:

@@ -57,6 +57,7 @@ def run_vllm(ckpt: Path, tmp_path: Path, *flags: str) -> list[dict]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (tmp_path / "vllm.log").write_text(proc.stdout + proc.stderr)
     return json.loads(out.read_text())
 
 
@@ -87,6 +88,8 @@ def assert_matches_oracle(ckpt: Path, results: list[dict]) -> None:
 
 def test_eager_matches_torch_oracle(llama_ckpt, tmp_path):
     assert_matches_oracle(llama_ckpt, run_vllm(llama_ckpt, tmp_path, "--eager"))
+    # the fp16 checkpoint served in fp32 ran its lm_head through the 16-bit CPU product
+    assert "lm_head kept in torch.float16" in (tmp_path / "vllm.log").read_text()
 
 
 def test_compiled_matches_torch_oracle(llama_ckpt, tmp_path):

@@ -14,6 +14,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_duogpt import format as fmt
 
@@ -23,7 +24,8 @@ class DuoGPTConfig(QuantizationConfig):
 
     Every linear layer of the model (attention and MLP projections, fused ones included) is
     loaded from its compressed parts and run as a dual-sparse product; embeddings, norms and
-    lm_head stay dense.
+    lm_head stay dense (a 16-bit lm_head served in fp32 on a CPU keeps its 16-bit values:
+    head_method.py).
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
@@ -71,6 +73,10 @@ class DuoGPTConfig(QuantizationConfig):
             from vllm_duogpt.linear_method import DuoGPTLinearMethod
 
             return DuoGPTLinearMethod(prefix)
+        if isinstance(layer, ParallelLMHead):
+            from vllm_duogpt.head_method import DuoGPTHeadMethod
+
+            return DuoGPTHeadMethod(prefix)
         return None
 
 

@@ -690,11 +690,14 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
   return y;
 }
 
-// ---------------------------------------------------------------- dense 16-bit baseline
+// ---------------------------------------------------------------- dense 16-bit linear
+// A dense [N, K] weight of 16-bit values (the benchmark's dense 16-bit baseline, and the
+// lm_head of a 16-bit checkpoint): streams W once at memory speed whatever the token count.
 
 #ifdef DUOGPT_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
 template <int KIND>
 inline __m256 load8_as_float(const uint16_t* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -713,8 +716,8 @@ inline float hsum(__m256 v) {
   return s;
 }
 
-// y[n] = W[n, :] . x for rows [n0, n1): streams W once at memory speed. Four rows at a time
-// share each load of x (x of a long row does not fit L1), two sums per row hide FMA latency.
+// y[n] = W[n, :] . x for rows [n0, n1), one token. Four rows at a time share each load of x
+// (x of a long row does not fit L1), two sums per row hide FMA latency.
 template <int KIND>
 void dense16_rows(const uint16_t* W, const float* x, float* y, int64_t K, int64_t n0, int64_t n1) {
   const int64_t k16 = K - K % 16;
@@ -742,38 +745,115 @@ void dense16_rows(const uint16_t* W, const float* x, float* y, int64_t K, int64_
     y[n] = t;
   }
 }
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+template <int KIND>
+inline __m512 load16_as_float(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (KIND == kBF16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else {
+    return _mm512_cvtph_ps(raw);
+  }
+}
+
+// Y[m, n] = W[n, :] . X[m, :] for rows [n0, n0 + R) and tokens [m0, m0 + T): each weight vector
+// loaded once serves T tokens; R x T accumulators (16 at most) stay in registers.
+template <int KIND, int R, int T>
+inline void dense16_tile(const uint16_t* W, const float* X, float* Y, int64_t K, int64_t N,
+                         int64_t n0, int64_t m0) {
+  const int64_t k16 = K - K % 16;
+  __m512 s[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) s[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k16; k += 16) {
+    __m512 w[R];
+    for (int r = 0; r < R; ++r) w[r] = load16_as_float<KIND>(W + (n0 + r) * K + k);
+    for (int t = 0; t < T; ++t) {
+      const __m512 x = _mm512_loadu_ps(X + (m0 + t) * K + k);
+      for (int r = 0; r < R; ++r) s[r][t] = _mm512_fmadd_ps(w[r], x, s[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      float v = _mm512_reduce_add_ps(s[r][t]);
+      for (int64_t k = k16; k < K; ++k) {
+        v += to_float(W[(n0 + r) * K + k], KIND) * X[(m0 + t) * K + k];
+      }
+      Y[(m0 + t) * N + n0 + r] = v;
+    }
+  }
+}
+
+// Rows [n0, n1) for all M tokens: groups of 4 rows (16 KiB of weights at K = 2048, read from
+// memory once and from L1 for every further token tile), tokens 4 at a time.
+template <int KIND>
+void dense16_rows(const uint16_t* W, const float* X, float* Y, int64_t M, int64_t K, int64_t N,
+                  int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) dense16_tile<KIND, 4, 4>(W, X, Y, K, N, n, m);
+    for (; m < M; ++m) dense16_tile<KIND, 4, 1>(W, X, Y, K, N, n, m);
+  }
+  for (; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) dense16_tile<KIND, 1, 1>(W, X, Y, K, N, n, m);
+  }
+}
+}  // namespace avx512
 #pragma GCC pop_options
 #endif
 
-// w: [N, K] bf16 or fp16; x: [K] fp32
-// out: [N] fp32
-at::Tensor cpu_dense16_mv(const at::Tensor& w, const at::Tensor& x) {
+// w: [N, K] bf16 or fp16; x: [M, K] fp32
+// out: [M, N] fp32
+at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& w,
+                              const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() &&
                   (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf),
-              "w must be a contiguous [N, K] bf16/fp16 tensor");
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == w.size(1) && x.scalar_type() == at::kFloat &&
+              "w must be a contiguous [N, K] bf16/fp16 tensor, got ", w.sizes(), " ", w.dtype());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kFloat &&
                   x.is_contiguous(),
-              "x must be a contiguous [K] float32 tensor");
-  const int64_t N = w.size(0), K = w.size(1);
+              "x must be a contiguous [M, ", w.size(1), "] float32 tensor, got ", x.sizes(), " ",
+              x.dtype());
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                    bias->is_contiguous(),
+                "bias must be contiguous float32 [", N, "]");
+  }
   const int kind = w.scalar_type() == at::kBFloat16 ? kBF16 : kFP16;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const float* xp = x.data_ptr<float>();
-  at::Tensor y = at::empty({N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const int isa = active_isa();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #ifdef DUOGPT_X86
-    if (isa >= kAvx2) {
-      return kind == kBF16 ? dense16_rows<kBF16>(wp, xp, yp, K, n0, n1)
-                           : dense16_rows<kFP16>(wp, xp, yp, K, n0, n1);
+    if (isa == kAvx512) {
+      return kind == kBF16 ? avx512::dense16_rows<kBF16>(wp, xp, yp, M, K, N, n0, n1)
+                           : avx512::dense16_rows<kFP16>(wp, xp, yp, M, K, N, n0, n1);
+    }
+    if (isa == kAvx2) {
+      for (int64_t m = 0; m < M; ++m) {
+        kind == kBF16 ? avx2::dense16_rows<kBF16>(wp, xp + m * K, yp + m * N, K, n0, n1)
+                      : avx2::dense16_rows<kFP16>(wp, xp + m * K, yp + m * N, K, n0, n1);
+      }
+      return;
     }
 #endif
-    for (int64_t n = n0; n < n1; ++n) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += to_float(wp[n * K + k], kind) * xp[k];
-      yp[n] = s;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += to_float(wp[n * K + k], kind) * xp[m * K + k];
+        yp[m * N + n] = s;
+      }
     }
   });
+  if (bias.has_value()) y.add_(*bias);
   return y;
 }
 
@@ -795,12 +875,12 @@ TORCH_LIBRARY_FRAGMENT(duogpt, m) {
   m.def(
       "cpu_dual_sparse_linear(Tensor x, Tensor data, Tensor offsets, int out_features, "
       "int panel_rows, int value_kind, float threshold, Tensor? bias) -> Tensor");
-  m.def("cpu_dense16_mv(Tensor w, Tensor x) -> Tensor");
+  m.def("cpu_dense16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens) -> str",
         &duogpt_cpu::cpu_kernel_config);
 }
 
 TORCH_LIBRARY_IMPL(duogpt, CPU, m) {
   m.impl("cpu_dual_sparse_linear", &duogpt_cpu::cpu_dual_sparse_linear);
-  m.impl("cpu_dense16_mv", &duogpt_cpu::cpu_dense16_mv);
+  m.impl("cpu_dense16_linear", &duogpt_cpu::cpu_dense16_linear);
 }
