@@ -184,6 +184,23 @@ def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("crossover", [0, 10**9])
+def test_threads_under_inference_mode(crossover: int, kernel_config) -> None:
+    """vLLM runs the model under torch.inference_mode with a thread per core: the kernel's worker
+    threads (both paths, dense 16-bit too) must handle the inference tensors they get."""
+    torch.set_num_threads(2)
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover)
+    packed, weight = packed_case("llama-ish 512x1376", 0.5)
+    x, bias = torch.randn(64, 1376), torch.randn(512)
+    tau = threshold_for(x, 0.5)
+    with torch.inference_mode():
+        y = cpu_dual_sparse_linear(x, packed, tau, bias)
+        dense = torch.ops.duogpt.cpu_dense16_linear(x, weight.half(), bias)
+    assert scale_free_error(y, dual_sparse_linear_reference(x, weight, tau, bias)) <= TOLERANCE
+    assert scale_free_error(dense, x @ weight.half().float().T + bias) <= TOLERANCE
+
+
+@needs_kernel
 def test_inactive_channels_are_never_read() -> None:
     """Poison the runs of channels whose activation is zero: the output must not notice."""
     n, k = 300, 64

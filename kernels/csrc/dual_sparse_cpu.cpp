@@ -21,6 +21,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -620,7 +621,11 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
 void prefill(int isa, const Layout& L, const at::Tensor& xs, const at::Tensor& y) {
   const int64_t per_panel = std::max<int64_t>(
       1, (2 * at::get_num_threads() + L.n_panel - 1) / L.n_panel);
+  // parallel_for's worker threads do not inherit the caller's inference mode; without it their
+  // addmm_ into an inference tensor (vLLM runs models under torch.inference_mode) raises.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, L.n_panel * per_panel, 1, [&](int64_t u0, int64_t u1) {
+    const at::ThreadLocalStateGuard same_state(caller_state);
     at::Tensor buf = at::empty({kPrefillChunk * L.panel_rows}, xs.options());
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t p = u / per_panel, part = u % per_panel, blocks = L.blocks(p);
