@@ -140,6 +140,7 @@ def test_bench_reports_positive_numbers(ckpt, tmp_path):
     for key in ("load_s", "checkpoint_file_bytes", "model_weight_bytes", "worker_rss_bytes"):
         assert res[key] > 0, key
     assert res["engine_rss_bytes"] >= res["worker_rss_bytes"]
+    assert res["worker_threads"] >= 1
     # The tiny model's weights are about a megabyte; the KV cache is counted apart.
     assert res["model_weight_bytes"] < 16 * 2**20 < res["kv_cache_bytes"]
     [entry] = res["batches"]

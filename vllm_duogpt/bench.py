@@ -57,7 +57,9 @@ def model_memory(model: torch.nn.Module) -> dict[str, int]:
     the KV cache on the attention modules as ``kv_cache``; it is counted apart.
 
     Returns:
-        ``model_weight_bytes``, ``kv_cache_bytes``, ``worker_pid`` and ``worker_rss_bytes``.
+        ``model_weight_bytes``, ``kv_cache_bytes``, ``worker_pid``, ``worker_rss_bytes`` and
+        ``worker_threads`` (torch's intra-op threads in the worker: vLLM's CPU backend keeps a
+        core per worker for its scheduler unless ``VLLM_CPU_NUM_OF_RESERVED_CPU`` says otherwise).
     """
     import psutil
 
@@ -100,6 +102,7 @@ def model_memory(model: torch.nn.Module) -> dict[str, int]:
         **totals,
         "worker_pid": os.getpid(),
         "worker_rss_bytes": psutil.Process().memory_info().rss,
+        "worker_threads": torch.get_num_threads(),
     }
 
 
@@ -266,13 +269,14 @@ def run_bench(
 def format_table(report: dict[str, Any]) -> str:
     """The results as a fixed-width text table: one row per model and batch size."""
     lines = [
-        f"{'model':<8} {'batch':>5} {'TTFT s':>8} {'decode tok/s':>13} {'out tok/s':>10} "
-        f"{'worker RSS MB':>14} {'weights MB':>11} {'file MB':>8}"
+        f"{'model':<8} {'batch':>5} {'threads':>7} {'TTFT s':>8} {'decode tok/s':>13} "
+        f"{'out tok/s':>10} {'worker RSS MB':>14} {'weights MB':>11} {'file MB':>8}"
     ]
     for label, res in report["results"].items():
         for entry in res["batches"]:
             lines.append(
-                f"{label:<8} {entry['batch']:>5} {entry['ttft_s']:>8.3f} "
+                f"{label:<8} {entry['batch']:>5} {res.get('worker_threads', '?'):>7} "
+                f"{entry['ttft_s']:>8.3f} "
                 f"{entry['decode_tok_s']:>13.1f} {entry['output_tok_s']:>10.1f} "
                 f"{res['worker_rss_bytes'] / 2**20:>14.0f} "
                 f"{res['model_weight_bytes'] / 2**20:>11.1f} "
