@@ -62,7 +62,8 @@ def build_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
         # A large init makes the next-token distribution peaked, so greedy decoding is not
         # decided by float rounding differences between implementations.
         initializer_range=0.5,
-        tie_word_embeddings=False,
+        # Qwen2 ties lm_head to the embedding (as SmolLM2 does), Llama does not: both vLLM paths.
+        tie_word_embeddings=arch == "qwen2",
         bos_token_id=0,
         eos_token_id=1,
     )

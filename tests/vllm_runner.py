@@ -36,7 +36,10 @@ def main() -> None:
         max_model_len=256,
         seed=0,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=0)
+    # the oracle does not stop at EOS either
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.max_tokens, logprobs=0, ignore_eos=True
+    )
     outputs = llm.generate(json.loads(args.prompts), params)
     result = [
         {
