@@ -11,7 +11,8 @@
 //           Threads split the active channels (each reads whole runs, one panel after another,
 //           skipping inactive channels' runs), expand 16-bit values to fp32 in registers,
 //           accumulate a panel in a cache-resident buffer and sum their partial outputs at the
-//           end. Only active channels' bytes are read.
+//           end. Only active channels' bytes are read, and a software prefetcher walks those
+//           bytes 16 KiB ahead of the reads (RunPrefetcher).
 //   prefill (M >= prefill_min_tokens(isa)): threads take (panel, row slice) units, decompress
 //           a chunk of channels at a time into a small fp32 buffer and hand it to BLAS (addmm):
 //           never a dense copy of the layer.
