@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 def execute(args: argparse.Namespace) -> int:
     """Run the command parsed into ``args``; bad input is one error line and code 2."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 
@@ -182,19 +181,11 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one evaluation subcommand (the same as ``duogpt SUBCOMMAND ...``)."""
+    from vllm_duogpt.cli import execute  # the duogpt CLI builds on this module's parsers
+
     parser = argparse.ArgumentParser(prog="python -m vllm_duogpt.eval_cli")
     add_eval_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # CalibrationError is a ValueError
-        print(f"duogpt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return execute(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
