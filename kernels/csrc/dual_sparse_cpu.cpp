@@ -187,6 +187,28 @@ class RunPrefetcher {
     if (j_ < ps_.i1) start_run();
     advance(kPrefetchAheadBytes);
   }
+  // The pass starts decoding a group of runs whose read positions are p.
+  template <int G>
+  inline void start_group(const uint16_t* const (&p)[G]) {
+    reported_ = read_position(p);
+  }
+  // The group has decoded block b of `blocks`: every kReportBlocks blocks and after the last,
+  // prefetch as many bytes as it has read since the last report.
+  template <int G>
+  inline void after_block(int64_t b, int64_t blocks, const uint16_t* const (&p)[G]) {
+    if ((b & (kReportBlocks - 1)) != kReportBlocks - 1 && b != blocks - 1) return;
+    const uintptr_t now = read_position(p);
+    advance(static_cast<int64_t>(now - reported_));
+    reported_ = now;
+  }
+
+ private:
+  template <int G>
+  static uintptr_t read_position(const uint16_t* const (&p)[G]) {
+    uintptr_t sum = 0;
+    for (int g = 0; g < G; ++g) sum += reinterpret_cast<uintptr_t>(p[g]);
+    return sum;
+  }
   // The pass has read `bytes` more: prefetch as many more.
   inline void advance(int64_t bytes) {
     budget_ += bytes;
@@ -198,8 +220,6 @@ class RunPrefetcher {
       if (pos_ == end_ && ++j_ < ps_.i1) start_run();
     }
   }
-
- private:
   static const char* line_of(const char* c) {
     return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(c) & ~uintptr_t{63});
   }
@@ -217,6 +237,7 @@ class RunPrefetcher {
   const char* end_ = nullptr;
   const char* next_line_ = nullptr;  // the first line not yet prefetched
   int64_t budget_ = 0;
+  uintptr_t reported_ = 0;  // the group's read positions, summed, when last reported
 };
 
 // ---------------------------------------------------------------- portable paths
@@ -332,8 +353,7 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
   const uint16_t* p[G];
   for (int g = 0; g < G; ++g) p[g] = L.run(ps.p, a.idx[i + g]);
   const float* xs = &a.xs[i * M];
-  uintptr_t reported = 0;  // the G read positions, summed, when last reported to `ahead`
-  for (int g = 0; g < G; ++g) reported += reinterpret_cast<uintptr_t>(p[g]);
+  ahead.start_group(p);
   for (int64_t b = 0; b < blocks; ++b) {
     float* out = acc + b * kBlockRows;
     if constexpr (MT == 1) {
@@ -359,12 +379,7 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
         }
       }
     }
-    if ((b & (kReportBlocks - 1)) == kReportBlocks - 1 || b == blocks - 1) {
-      uintptr_t now = 0;
-      for (int g = 0; g < G; ++g) now += reinterpret_cast<uintptr_t>(p[g]);
-      ahead.advance(static_cast<int64_t>(now - reported));
-      reported = now;
-    }
+    ahead.after_block(b, blocks, p);
   }
 }
 
@@ -457,8 +472,7 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
   const uint16_t* p[G];
   for (int g = 0; g < G; ++g) p[g] = L.run(ps.p, a.idx[i + g]);
   const float* xs = &a.xs[i * M];
-  uintptr_t reported = 0;  // the G read positions, summed, when last reported to `ahead`
-  for (int g = 0; g < G; ++g) reported += reinterpret_cast<uintptr_t>(p[g]);
+  ahead.start_group(p);
   for (int64_t b = 0; b < blocks; ++b) {
     float* out = acc + b * kBlockRows;
     if constexpr (MT == 1) {
@@ -484,12 +498,7 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
         for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
       }
     }
-    if ((b & (kReportBlocks - 1)) == kReportBlocks - 1 || b == blocks - 1) {
-      uintptr_t now = 0;
-      for (int g = 0; g < G; ++g) now += reinterpret_cast<uintptr_t>(p[g]);
-      ahead.advance(static_cast<int64_t>(now - reported));
-      reported = now;
-    }
+    ahead.after_block(b, blocks, p);
   }
 }
 
@@ -699,7 +708,8 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
 
 // ---------------------------------------------------------------- dense 16-bit linear
 // A dense [N, K] weight of 16-bit values (the benchmark's dense 16-bit baseline, and the
-// lm_head of a 16-bit checkpoint): streams W once at memory speed whatever the token count.
+// lm_head of a 16-bit checkpoint), streamed at memory speed: with AVX-512 once whatever the
+// token count, with AVX2 once per token.
 
 #ifdef DUOGPT_X86
 #pragma GCC push_options
