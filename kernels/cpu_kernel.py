@@ -25,7 +25,7 @@ import platform
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 
 __all__ = [
     "CpuSparseWeight",
+    "cpu_dense16_linear",
     "cpu_dual_sparse_linear",
     "cpu_kernel_available",
     "pack_cpu_weight",
@@ -165,29 +166,71 @@ def cpu_dual_sparse_linear(
     """
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"x {tuple(x.shape)} does not match weight K={packed.in_features}")
-    # decode calls take a few hundred microseconds: skip the conversions when there are none
-    plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
-    x2 = x if plain else x.reshape(-1, packed.in_features).to(torch.float32).contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    available = _status[0] if _status is not None else cpu_kernel_available()[0]
-    if available:
-        y = torch.ops.duogpt.cpu_dual_sparse_linear(
-            x2,
-            packed.data,
-            packed.offsets,
-            packed.out_features,
-            packed.panel_rows,
-            packed.value_kind,
-            float(threshold),
-            bias,
-        )
-    else:
-        _warn_fallback()
+
+    def product(x2: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
+        if _kernel_runs():
+            return torch.ops.duogpt.cpu_dual_sparse_linear(
+                x2,
+                packed.data,
+                packed.offsets,
+                packed.out_features,
+                packed.panel_rows,
+                packed.value_kind,
+                float(threshold),
+                bias32,
+            )
         # decompresses the whole layer on every call: a fallback, not a path to serve from
         weight = unpack_cpu_weight(packed).to(torch.float32)
-        y = dual_sparse_linear_reference(x2, weight, threshold, bias)
-    return y if plain else y.reshape(*x.shape[:-1], packed.out_features).to(x.dtype)
+        return dual_sparse_linear_reference(x2, weight, threshold, bias32)
+
+    return _in_fp32(x, bias, packed.out_features, product)
+
+
+# x: [..., K] float; weight: [N, K] bf16 or fp16; bias: [N] or None
+# out: [..., N] in x's dtype
+def cpu_dense16_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense ``x @ weight.T + bias`` with 16-bit weights widened in registers, fp32 accumulation.
+
+    Each weight is read once whatever the token count (AVX-512; once per token with AVX2).
+
+    Raises:
+        ValueError: when ``x``'s last dimension is not the weight's ``K``.
+    """
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} does not match weight K={weight.shape[1]}")
+
+    def product(x2: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
+        if _kernel_runs():
+            return torch.ops.duogpt.cpu_dense16_linear(x2, weight, bias32)
+        return torch.nn.functional.linear(x2, weight.to(torch.float32), bias32)
+
+    return _in_fp32(x, bias, weight.shape[0], product)
+
+
+def _in_fp32(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+    product: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """``product`` on ``x`` as contiguous fp32 rows (and an fp32 bias); the result in x's shape
+    and dtype. Decode calls take a few hundred microseconds: no conversion when none is needed."""
+    plain = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+    x2 = x if plain else x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = product(x2, bias)
+    return y if plain else y.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def _kernel_runs() -> bool:
+    """Whether the built kernel runs here; warns once (with the reason) when it does not."""
+    available = _status[0] if _status is not None else cpu_kernel_available()[0]
+    if not available:
+        _warn_fallback()
+    return available
 
 
 def _warn_fallback() -> None:

@@ -20,7 +20,11 @@ import pytest
 import torch
 
 from vllm_duogpt.kernels import cpu_kernel
-from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
+from vllm_duogpt.kernels.cpu_kernel import (
+    cpu_dense16_linear,
+    cpu_dual_sparse_linear,
+    cpu_kernel_available,
+)
 from vllm_duogpt.kernels.cpu_layout import (
     CpuSparseWeight,
     choose_value_dtype,
@@ -281,6 +285,25 @@ def test_dense16_linear_matches_torch(dtype: torch.dtype, isa: str, kernel_confi
             assert scale_free_error(y, x @ weight.float().T) <= TOLERANCE, (tokens, threads)
             y = torch.ops.duogpt.cpu_dense16_linear(x, weight, bias)
             assert scale_free_error(y, x @ weight.float().T + bias) <= TOLERANCE, (tokens, threads)
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_dense16_wrapper_keeps_shape_and_dtype(available: bool, monkeypatch) -> None:
+    """The Python entry (the 16-bit lm_head's): [..., K] in any float dtype, kernel or fallback."""
+    if available and not AVAILABLE:
+        pytest.skip(REASON)
+    monkeypatch.setattr(cpu_kernel, "_status", (available, "test" if available else "no compiler"))
+    monkeypatch.setattr(cpu_kernel, "_warned", False)
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(37, 101, generator=gen).half()
+    x = torch.randn(2, 3, 101, generator=gen).bfloat16()
+    bias = torch.randn(37, generator=gen).bfloat16()
+    y = cpu_dense16_linear(x, weight, bias)
+    assert y.shape == (2, 3, 37) and y.dtype == torch.bfloat16
+    ref = x.float() @ weight.float().T + bias.float()
+    assert scale_free_error(y.float(), ref) <= 1e-2  # the result is rounded to bf16
+    with pytest.raises(ValueError, match="K=101"):
+        cpu_dense16_linear(torch.randn(2, 100), weight)
 
 
 def test_fallback_warns_once_and_matches(monkeypatch, caplog) -> None:

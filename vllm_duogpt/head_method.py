@@ -70,8 +70,6 @@ class DuoGPTHeadMethod(UnquantizedEmbeddingMethod):
     ) -> torch.Tensor:
         if not getattr(layer, "duogpt_head16", False):
             return super().apply(layer, x, bias)
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
-        y = torch.ops.duogpt.cpu_dense16_linear(x2, layer.weight, bias)
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        from vllm_duogpt.kernels.cpu_kernel import cpu_dense16_linear
+
+        return cpu_dense16_linear(x, layer.weight, bias)
