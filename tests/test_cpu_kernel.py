@@ -5,7 +5,7 @@ The oracle is ``dual_sparse_linear_reference`` applied to the weight the layout 
 has (scalar, AVX2, AVX-512) runs over a named table of shapes, weight sparsities {0.5, 0.7},
 activation sparsities {0, 0.5, 0.9, 1.0}, token counts {1, 3, 64} and 1 and 2 threads; the 50%
 case packs a float32 weight (bf16 values), the 70% case an fp16 checkpoint (fp16 values). 64
-tokens take the BLAS path on AVX2 and scalar, the decode path on AVX-512; a separate test forces
+tokens take the GEMM path on AVX2 and scalar, the decode path on AVX-512; a separate test forces
 each path for every token count. The first run builds the extension (20-30 s), later runs load
 it from the cache.
 """
@@ -46,7 +46,7 @@ ACT_SPARSITY = (0.0, 0.5, 0.9, 1.0)
 TOKENS = (1, 3, 64)
 THREADS = (1, 2)
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-TOLERANCE = 2e-6  # fp32 accumulation in another order than BLAS
+TOLERANCE = 2e-6  # fp32 accumulation in another order than the reference's
 
 AVAILABLE, REASON = cpu_kernel_available()
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=REASON)
@@ -175,7 +175,7 @@ def test_matches_reference(name: str, weight_sparsity: float, isa: str, kernel_c
 @needs_kernel
 @pytest.mark.parametrize("crossover", [0, 10**9])
 def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
-    """Every token count through the decode path, and through the BLAS path."""
+    """Every token count through the decode path, and through the GEMM path."""
     torch.ops.duogpt.cpu_kernel_config(-1, crossover)
     packed, weight = packed_case("llama-ish 512x1376", 0.5)
     for tokens in (1, 2, 17, 64):
@@ -185,6 +185,28 @@ def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
             cpu_dual_sparse_linear(x, packed, tau), dual_sparse_linear_reference(x, weight, tau)
         )
         assert err <= TOLERANCE, f"M={tokens} crossover={crossover}: error {err}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_prefill_walks_the_slices_of_large_panels(isa: str, kernel_config) -> None:
+    """Prefill multiplies 256-row slices: panels of 640 rows take three (256, 256, 128), each
+    channel's cursor carrying on where the last slice stopped, and a last panel of 60 rows takes
+    a partial one."""
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.ops.duogpt.cpu_kernel_config(ISAS[isa], 0)
+    weight = masked_weight(700, 300, 0.5, seed=5)
+    packed = pack_cpu_weight(weight, panel_rows=640)
+    weight = unpack_cpu_weight(packed).float()
+    gen = torch.Generator().manual_seed(6)
+    x, bias = torch.randn(9, 300, generator=gen), torch.randn(700, generator=gen)
+    tau = threshold_for(x, 0.5)
+    ref = dual_sparse_linear_reference(x, weight, tau, bias)
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        err = scale_free_error(cpu_dual_sparse_linear(x, packed, tau, bias), ref)
+        assert err <= TOLERANCE, f"{isa} threads={threads}: error {err}"
 
 
 @needs_kernel

@@ -13,16 +13,16 @@
 //           accumulate a panel in a cache-resident buffer and sum their partial outputs at the
 //           end. Only active channels' bytes are read, and a software prefetcher walks those
 //           bytes 16 KiB ahead of the reads (RunPrefetcher).
-//   prefill (M >= prefill_min_tokens(isa)): threads take (panel, row slice) units, decompress
-//           a chunk of channels at a time into a small fp32 buffer and hand it to BLAS (addmm):
-//           never a dense copy of the layer.
+//   prefill (M >= prefill_min_tokens(isa)): one row slice at a time, threads decompress its
+//           channels into an fp32 buffer, then one GEMM (oneDNN through PyTorch, else at::mm)
+//           multiplies all tokens with it: never a dense copy of the layer.
 // ISA: the file is compiled for the generic target (its cache may be shared across machines);
 // the AVX2 and AVX-512 regions below carry #pragma GCC target and are picked at run time with
 // __builtin_cpu_supports.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -63,9 +63,10 @@ constexpr int64_t kPrefetchAheadBytes = 16 * 1024;
 // the in-cache speed, every 4th block 2048 x 4096 at 50% / 0% 372 vs 442 us, one thread.
 constexpr int64_t kReportBlocks = 4;
 static_assert((kReportBlocks & (kReportBlocks - 1)) == 0, "tested with a mask: a power of two");
-// Prefill decompresses kPrefillChunk channels x one unit's rows at a time (64 x 2048 fp32 =
-// 512 KiB at most: inside L2).
-constexpr int64_t kPrefillChunk = 64;
+// Prefill multiplies slices of this many rows (all K channels decompressed: K x 256 fp32, 2 MiB
+// at K = 2048), and threads decompress at least kPrefillChannelGrain channels each.
+constexpr int64_t kPrefillSliceRows = 256;
+constexpr int64_t kPrefillChannelGrain = 64;
 
 int detect_isa() {
 #ifdef DUOGPT_X86
@@ -91,14 +92,15 @@ int active_isa() {
   return std::min(detected, g_max_isa.load());
 }
 
-// Token count from which decompress + BLAS beats the decode path. Measured at 4096 x 4096,
-// 50% / 50%, one thread (AMD EPYC Zen 4, whose MKL GEMMs are slow): the AVX-512 decode shares
-// each expanded block between tokens and still wins at 64 tokens (28 vs 41 ms), loses at 96
-// (48 vs 42 ms); the AVX2 decode wins at 4 (5.1 vs 7.7 ms), ties at 8, loses at 12.
+// Token count from which decompress + GEMM beats the decode path. Measured at 6144 x 2048 and
+// 2048 x 5632, 50% / 50% (AMD EPYC with AVX-512, oneDNN GEMMs): the AVX-512 decode shares each
+// expanded block between tokens; at 128 tokens it wins on one thread (16-17 vs 19-20 ms) and
+// loses on two (13 vs 10.5 ms), at 256 it loses on both. The AVX2 decode wins at 4 tokens
+// (2.0 vs 2.8 ms) and loses at 8 (4.6 vs 3.4 ms).
 int64_t prefill_min_tokens(int isa) {
   const int64_t forced = g_prefill_min_tokens.load();
   if (forced >= 0) return forced;
-  return isa == kAvx512 ? 96 : 8;
+  return isa == kAvx512 ? 128 : 8;
 }
 
 struct Layout {
@@ -168,12 +170,6 @@ inline uint64_t load_bitmap(const uint16_t* p) {
   uint64_t w;
   std::memcpy(&w, p, 8);
   return w;
-}
-
-// The block after the one at p (its values are skipped, only its bitmap is read).
-inline const uint16_t* skip_blocks(const uint16_t* p, int64_t n) {
-  for (int64_t b = 0; b < n; ++b) p += 4 + __builtin_popcountll(load_bitmap(p));
-  return p;
 }
 
 // Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in
@@ -262,10 +258,11 @@ void decode_pass_scalar(const Layout& L, const ActiveSet& a, int64_t M, const Pa
 }
 
 // buf[(k - k0) * sl.rows() + r] = W[first row of sl + r, k] for k in [k0, k1).
-void decompress_scalar(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+void decompress_scalar(const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
+                       const uint16_t** at, float* buf) {
   std::fill(buf, buf + (k1 - k0) * sl.rows(), 0.f);
   for (int64_t k = k0; k < k1; ++k) {
-    const uint16_t* p = skip_blocks(L.run(sl.p, k), sl.b0);
+    const uint16_t*& p = at[k];
     float* row = buf + (k - k0) * sl.rows();
     for (int64_t b = 0; b < sl.b1 - sl.b0; ++b) {
       uint64_t w = load_bitmap(p);
@@ -396,9 +393,10 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
 }
 
 template <int KIND>
-void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
+                float* buf) {
   for (int64_t k = k0; k < k1; ++k) {
-    const uint16_t* p = skip_blocks(L.run(sl.p, k), sl.b0);
+    const uint16_t*& p = at[k];
     float* out = buf + (k - k0) * sl.rows();
     for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
       __m256 w[8];
@@ -519,9 +517,10 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
 }
 
 template <int KIND>
-void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
+                float* buf) {
   for (int64_t k = k0; k < k1; ++k) {
-    const uint16_t* p = skip_blocks(L.run(sl.p, k), sl.b0);
+    const uint16_t*& p = at[k];
     float* out = buf + (k - k0) * sl.rows();
     for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
       __m512 w[4];
@@ -565,19 +564,20 @@ void decode_pass(int isa, const Layout& L, const ActiveSet& a, int64_t M, const 
   decode_pass_scalar(L, a, M, ps, acc);
 }
 
-void decompress(int isa, const Layout& L, const Slice& sl, int64_t k0, int64_t k1, float* buf) {
+void decompress(int isa, const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
+                const uint16_t** at, float* buf) {
 #ifdef DUOGPT_X86
   const bool bf = L.kind == kBF16;
   if (isa == kAvx512) {
-    return bf ? avx512::decompress<kBF16>(L, sl, k0, k1, buf)
-              : avx512::decompress<kFP16>(L, sl, k0, k1, buf);
+    return bf ? avx512::decompress<kBF16>(L, sl, k0, k1, at, buf)
+              : avx512::decompress<kFP16>(L, sl, k0, k1, at, buf);
   }
   if (isa == kAvx2) {
-    return bf ? avx2::decompress<kBF16>(L, sl, k0, k1, buf)
-              : avx2::decompress<kFP16>(L, sl, k0, k1, buf);
+    return bf ? avx2::decompress<kBF16>(L, sl, k0, k1, at, buf)
+              : avx2::decompress<kFP16>(L, sl, k0, k1, at, buf);
   }
 #endif
-  decompress_scalar(L, sl, k0, k1, buf);
+  decompress_scalar(L, sl, k0, k1, at, buf);
 }
 
 // Few tokens. Splitting the active channels (not the rows) between threads keeps every read a
@@ -625,34 +625,44 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
   });
 }
 
+// The product of many tokens with one decompressed tile, [M, K] x [K, R] -> [M, R]: oneDNN's
+// matmul (PyTorch's mkldnn::_linear_pointwise) where this PyTorch has it, else at::mm (MKL, whose
+// GEMMs run slower code on AMD CPUs: 512 x 2048 x 256, one thread, 112 vs 57 GFMA/s).
+at::Tensor tile_product(const at::Tensor& xs, const at::Tensor& tile) {
+  static const std::optional<c10::OperatorHandle> onednn =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!onednn) return at::mm(xs, tile);
+  static const auto linear =
+      onednn->typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, c10::string_view,
+                               c10::List<std::optional<at::Scalar>>,
+                               std::optional<c10::string_view>)>();
+  return linear.call(xs, tile.t(), std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+                     std::nullopt);
+}
+
 // Many tokens: the union of active channels is nearly all of them (method.md section 8), so
-// only weight sparsity helps; decompress a chunk of channels of one unit's rows into a small
-// fp32 buffer and let BLAS do the FMAs with register blocking over tokens. Units are (panel, row
-// slice) with about two per thread; each thread writes only its own output columns.
+// only weight sparsity helps. A slice of kPrefillSliceRows rows at a time, every channel of it is
+// decompressed into an fp32 buffer (threads split the channels; a cursor per channel walks its
+// run) and multiplied in one GEMM: never a dense copy of the layer.
 void prefill(int isa, const Layout& L, const at::Tensor& xs, const at::Tensor& y) {
-  const int64_t per_panel = std::max<int64_t>(
-      1, (2 * at::get_num_threads() + L.n_panel - 1) / L.n_panel);
-  // parallel_for's worker threads do not inherit the caller's inference mode; without it their
-  // addmm_ into an inference tensor (vLLM runs models under torch.inference_mode) raises.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, L.n_panel * per_panel, 1, [&](int64_t u0, int64_t u1) {
-    const at::ThreadLocalStateGuard same_state(caller_state);
-    at::Tensor buf = at::empty({kPrefillChunk * L.panel_rows}, xs.options());
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t p = u / per_panel, part = u % per_panel, blocks = L.blocks(p);
-      const Slice sl{p, blocks * part / per_panel, blocks * (part + 1) / per_panel};
-      if (sl.b0 == sl.b1) continue;
-      const int64_t r0 = L.first_row(p) + sl.b0 * kBlockRows;
+  constexpr int64_t slice_blocks = kPrefillSliceRows / kBlockRows;
+  at::Tensor buf = at::empty({L.K, kPrefillSliceRows}, xs.options());
+  std::vector<const uint16_t*> cursor(L.K);
+  for (int64_t p = 0; p < L.n_panel; ++p) {
+    for (int64_t k = 0; k < L.K; ++k) cursor[k] = L.run(p, k);
+    for (int64_t b0 = 0; b0 < L.blocks(p); b0 += slice_blocks) {
+      const Slice sl{p, b0, std::min(b0 + slice_blocks, L.blocks(p))};
+      float* w = buf.data_ptr<float>();
+      at::parallel_for(0, L.K, kPrefillChannelGrain, [&](int64_t k0, int64_t k1) {
+        decompress(isa, L, sl, k0, k1, cursor.data(), w + k0 * sl.rows());
+      });
+      const int64_t r0 = L.first_row(p) + b0 * kBlockRows;
       const int64_t rows = std::min(sl.rows(), L.N - r0);
-      at::Tensor y_rows = y.narrow(1, r0, rows);
-      for (int64_t k0 = 0; k0 < L.K; k0 += kPrefillChunk) {
-        const int64_t kc = std::min(kPrefillChunk, L.K - k0);
-        decompress(isa, L, sl, k0, k0 + kc, buf.data_ptr<float>());
-        at::Tensor w = buf.narrow(0, 0, kc * sl.rows()).view({kc, sl.rows()});
-        y_rows.addmm_(xs.narrow(1, k0, kc), w.narrow(1, 0, rows));
-      }
+      at::Tensor tile = buf.view(-1).narrow(0, 0, L.K * sl.rows()).view({L.K, sl.rows()});
+      y.narrow(1, r0, rows).add_(tile_product(xs, tile.narrow(1, 0, rows)));
     }
-  });
+  }
 }
 
 // x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K + 1] int64; bias: [N] fp32 or None
