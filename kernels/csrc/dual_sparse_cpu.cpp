@@ -257,7 +257,8 @@ void decode_pass_scalar(const Layout& L, const ActiveSet& a, int64_t M, const Pa
   }
 }
 
-// buf[(k - k0) * sl.rows() + r] = W[first row of sl + r, k] for k in [k0, k1).
+// buf[(k - k0) * sl.rows() + r] = W[first row of sl + r, k] for k in [k0, k1). at[k] points at
+// block sl.b0 of channel k's run in panel sl.p and is left at block sl.b1.
 void decompress_scalar(const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
                        const uint16_t** at, float* buf) {
   std::fill(buf, buf + (k1 - k0) * sl.rows(), 0.f);
