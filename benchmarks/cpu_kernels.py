@@ -5,6 +5,8 @@ our dense 16-bit kernel (``torch.ops.duogpt.cpu_dense16_linear``: the fair dense
 CPUs where torch's bf16 mv does not stream at memory speed) and the dual-sparse kernel at several
 weight / activation sparsities, and prints time, bytes per second of the bytes each one has to
 read, and speed-ups over dense fp32 and over the best dense 16-bit kernel, all from the same run.
+With several tokens it also times dense fp32 through oneDNN, which vLLM's CPU backend uses for
+dense linears and which runs faster GEMMs than torch's fp32 matmul (MKL) on AMD CPUs.
 
 Honest timing: every configuration cycles through enough copies of its weights (``--pool-mib``)
 that they cannot sit in the last-level cache between calls, as a model's layers cannot; the
@@ -15,6 +17,8 @@ Usage::
 
     python benchmarks/cpu_kernels.py --threads 2
     python benchmarks/cpu_kernels.py --tokens 4 --shapes 4096x4096
+    python benchmarks/cpu_kernels.py --threads 1 --tokens 512 --repeats 5 \
+        --shapes 6144x2048 2048x5632
 """
 
 from __future__ import annotations
@@ -112,6 +116,13 @@ def bench_shape(
     bf16 = [dense.bfloat16() for _ in range(n_copies(n * k * 2, pool_mib))]
     kernels["dense bf16 torch"] = [lambda w=w: torch.matmul(xb, w.t()) for w in bf16]
     bytes_read["dense bf16 torch"] = n * k * 2
+    if tokens > 1 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        # oneDNN, as vLLM's CPU backend runs dense linears (torch's fp32 matmul is MKL's)
+        kernels["dense fp32 oneDNN"] = [
+            lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            for w in fp32
+        ]
+        bytes_read["dense fp32 oneDNN"] = n * k * 4
     if tokens == 1:
         kernels["dense bf16 ours"] = [
             lambda w=w: torch.ops.duogpt.cpu_dense16_linear(x[:1], w, None) for w in bf16

@@ -628,7 +628,8 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
 
 // The product of many tokens with one decompressed tile, [M, K] x [K, R] -> [M, R]: oneDNN's
 // matmul (PyTorch's mkldnn::_linear_pointwise) where this PyTorch has it, else at::mm (MKL, whose
-// GEMMs run slower code on AMD CPUs: 512 x 2048 x 256, one thread, 112 vs 57 GFMA/s).
+// GEMMs run slower code on AMD CPUs: 512 tokens x 6144 x 2048 in fp32, one thread, 54 vs 120 ms
+// in results/cpu_kernels_prefill.txt).
 at::Tensor tile_product(const at::Tensor& xs, const at::Tensor& tile) {
   static const std::optional<c10::OperatorHandle> onednn =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
