@@ -119,8 +119,7 @@ def bench_shape(
     if tokens > 1 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         # oneDNN, as vLLM's CPU backend runs dense linears (torch's fp32 matmul is MKL's)
         kernels["dense fp32 oneDNN"] = [
-            lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-            for w in fp32
+            lambda w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in fp32
         ]
         bytes_read["dense fp32 oneDNN"] = n * k * 4
     if tokens == 1:
