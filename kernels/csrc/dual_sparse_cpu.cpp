@@ -667,6 +667,16 @@ void prefill(int isa, const Layout& L, const at::Tensor& xs, const at::Tensor& y
   }
 }
 
+// The bias of an op with N outputs: nullptr when there is none, else its data after checking
+// that it is a contiguous float32 [N].
+const float* checked_bias(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                  bias->is_contiguous(),
+              "bias must be contiguous float32 [", N, "]");
+  return bias->data_ptr<float>();
+}
+
 // x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K + 1] int64; bias: [N] fp32 or None
 // out: [M, N] fp32
 at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
@@ -686,13 +696,7 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == n_panel * K + 1 &&
                   offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
               "offsets must be contiguous int64 [", n_panel * K + 1, "], got ", offsets.sizes());
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
-                    bias->is_contiguous(),
-                "bias must be contiguous float32 [", N, "]");
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(bias, N);
   const Layout L{reinterpret_cast<const uint16_t*>(data.data_ptr<int16_t>()),
                  offsets.data_ptr<int64_t>(),
                  N,
@@ -849,11 +853,7 @@ at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& w,
               "x must be a contiguous [M, ", w.size(1), "] float32 tensor, got ", x.sizes(), " ",
               x.dtype());
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
-                    bias->is_contiguous(),
-                "bias must be contiguous float32 [", N, "]");
-  }
+  checked_bias(bias, N);
   const int kind = w.scalar_type() == at::kBFloat16 ? kBF16 : kFP16;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const float* xp = x.data_ptr<float>();
