@@ -11,7 +11,9 @@ dense linears and which runs faster GEMMs than torch's fp32 matmul (MKL) on AMD 
 Honest timing: every configuration cycles through enough copies of its weights (``--pool-mib``)
 that they cannot sit in the last-level cache between calls, as a model's layers cannot; the
 kernels of a shape are timed round-robin, so load from other processes hits them alike, and each
-number is the median (and minimum) over ``--repeats`` calls. Ratios come from one run.
+number is the median (and minimum) over ``--repeats`` calls. Ratios come from one run. Every
+weight, the dense baselines' included, sits on huge pages where the system has them, as the
+packed layout does (kernels/huge_pages.py): the ratios compare kernels, not page sizes.
 
 Usage::
 
@@ -34,6 +36,7 @@ import torch
 
 from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
 from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight, pack_cpu_weight
+from vllm_duogpt.kernels.huge_pages import to_huge_pages
 
 LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/o, up/gate, down
 SPARSITIES = ((0.5, 0.5), (0.5, 0.0), (0.0, 0.5), (0.7, 0.5))  # (weight, activation)
@@ -108,12 +111,12 @@ def bench_shape(
     kernels: dict[str, list[Callable[[], object]]] = {}
     bytes_read: dict[str, float] = {}
 
-    fp32 = [dense.clone() for _ in range(n_copies(n * k * 4, pool_mib))]
+    fp32 = [to_huge_pages(dense) for _ in range(n_copies(n * k * 4, pool_mib))]
     kernels["dense fp32 torch"] = [
         lambda w=w: torch.matmul(x, w.t()) if tokens > 1 else torch.mv(w, x1) for w in fp32
     ]
     bytes_read["dense fp32 torch"] = n * k * 4
-    bf16 = [dense.bfloat16() for _ in range(n_copies(n * k * 2, pool_mib))]
+    bf16 = [to_huge_pages(dense.bfloat16()) for _ in range(n_copies(n * k * 2, pool_mib))]
     kernels["dense bf16 torch"] = [lambda w=w: torch.matmul(xb, w.t()) for w in bf16]
     bytes_read["dense bf16 torch"] = n * k * 2
     if tokens > 1 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
@@ -134,7 +137,7 @@ def bench_shape(
         )
         pool = [packed] + [
             CpuSparseWeight(
-                packed.data.clone(),
+                to_huge_pages(packed.data),
                 packed.offsets.clone(),
                 n,
                 k,

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_duogpt.kernels.huge_pages import huge_page_empty
+
 BLOCK_ROWS = 64
 DEFAULT_PANEL_ROWS = 2048
 VALUE_KINDS = {torch.bfloat16: 0, torch.float16: 1}
@@ -51,7 +53,8 @@ class CpuSparseWeight:
 
     Attributes:
         data: ``[L]`` int16: the panels' runs (bitmap words, then value bits), then
-            ``TAIL_PADDING`` zero words.
+            ``TAIL_PADDING`` zero words; on huge pages where the system has them
+            (kernels/huge_pages.py).
         offsets: ``[n_panels * K + 1]`` int64: first word of each (panel, channel) run.
         out_features: ``N``.
         in_features: ``K``.
@@ -144,8 +147,11 @@ def pack_cpu_weight(
             run_starts.append(total + starts)
             total += piece.numel()
     offsets = torch.cat([*run_starts, torch.tensor([total])])
+    data = huge_page_empty(total + TAIL_PADDING, torch.int16)
+    torch.cat(pieces, out=data[:total])
+    data[total:] = 0
     return CpuSparseWeight(
-        data=torch.cat([*pieces, torch.zeros(TAIL_PADDING, dtype=torch.int16)]),
+        data=data,
         offsets=offsets,
         out_features=n_rows,
         in_features=n_cols,

@@ -5,7 +5,8 @@ served in fp32 on a CPU (the fast dtype there) holds its lm_head in fp32: twice 
 batch 1 the lm_head of a 1B model takes as long as all its dual-sparse linears together. The
 widening is exact, so this method keeps the checkpoint's own 16-bit values and runs the dense
 product with ``torch.ops.duogpt.cpu_dense16_linear`` (fp32 accumulation): the same logits up to
-summation order, half the memory, and each weight read once whatever the batch.
+summation order, half the memory, and each weight read once whatever the batch. The 16-bit
+weight sits on huge pages where the system has them (kernels/huge_pages.py).
 
 It applies only where the dual-sparse linears run the CPU kernel (so ``DUOGPT_KERNEL`` forcing
 another kernel turns it off too), to an untied lm_head whose checkpoint tensor is fp16 or bf16
@@ -22,6 +23,7 @@ from torch.nn import Parameter
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
 from vllm_duogpt.kernel_choice import CpuSparseKernel, choose_kernel
+from vllm_duogpt.kernels.huge_pages import to_huge_pages
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 logger = logging.getLogger("vllm.duogpt")  # under vLLM's configured logger
@@ -59,7 +61,7 @@ class DuoGPTHeadMethod(UnquantizedEmbeddingMethod):
             and isinstance(choose_kernel(weight.device, weight.dtype), CpuSparseKernel)
         ):
             # exact: the fp32 values were widened from these 16-bit ones at load time
-            layer.weight = Parameter(weight.data.to(stored), requires_grad=False)
+            layer.weight = Parameter(to_huge_pages(weight.data.to(stored)), requires_grad=False)
             layer.duogpt_head16 = True
             logger.info("duogpt: %s kept in %s (16-bit CPU product)", self.prefix, stored)
             return

@@ -1,0 +1,106 @@
+"""Weight buffers on transparent huge pages (kernels/huge_pages.py).
+
+The oracle for "on huge pages" is the Linux kernel's own accounting: the ``AnonHugePages`` line of
+the buffer's mapping in ``/proc/self/smaps``. Those tests skip where the system's transparent huge
+page mode does not allow the check; the value checks run everywhere.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
+from vllm_duogpt.kernels.cpu_layout import pack_cpu_weight, unpack_cpu_weight
+from vllm_duogpt.kernels.huge_pages import (
+    HUGE_PAGE_BYTES,
+    huge_page_empty,
+    huge_pages_enabled,
+    to_huge_pages,
+)
+from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode() -> str:
+    """The system's transparent huge page mode: ``always``, ``madvise``, ``never`` or ``none``."""
+    if not THP_MODE.exists():
+        return "none"
+    return re.search(r"\[(\w+)\]", THP_MODE.read_text()).group(1)
+
+
+needs_thp = pytest.mark.skipif(
+    thp_mode() not in ("always", "madvise") or not huge_pages_enabled(),
+    reason=f"transparent huge pages: {thp_mode()}",
+)
+only_where_advised = pytest.mark.skipif(
+    thp_mode() != "madvise", reason=f"transparent huge pages: {thp_mode()}, not madvise"
+)
+
+
+def huge_kib_of_mapping(address: int) -> int:
+    """``AnonHugePages`` (KiB) of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            inside = int(span.group(1), 16) <= address < int(span.group(2), 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("numel", [7, 3 * HUGE_PAGE_BYTES // 4 + 5])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32, torch.bfloat16])
+def test_copy_keeps_values_shape_and_dtype(numel: int, dtype: torch.dtype) -> None:
+    source = torch.randn(numel).to(dtype).view(-1, 1)
+    copy = to_huge_pages(source)
+    gc.collect()  # the buffer must outlive every Python object but the tensor
+    assert copy.shape == source.shape and copy.dtype == dtype
+    assert torch.equal(copy, source)
+    assert copy.data_ptr() != source.data_ptr()
+
+
+@needs_thp
+def test_whole_huge_pages_only() -> None:
+    """A buffer of 3.5 huge pages gets 3, on a 2 MiB boundary; the last half stays small pages."""
+    buffer = huge_page_empty(7 * HUGE_PAGE_BYTES // 2, torch.uint8)
+    assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0
+    buffer.fill_(1)
+    huge_kib = huge_kib_of_mapping(buffer.data_ptr())
+    assert 0 < huge_kib <= 3 * HUGE_PAGE_BYTES // 1024, huge_kib
+    assert int(buffer.sum()) == buffer.numel()
+
+
+@only_where_advised
+def test_small_buffers_and_switched_off_use_small_pages(monkeypatch) -> None:
+    """Under 2 MiB, or with ``DUOGPT_HUGE_PAGES=0``, nothing is advised, so (where huge pages
+    come only on advice) the buffer's mapping holds none."""
+    small = huge_page_empty(HUGE_PAGE_BYTES // 2 - 1, torch.int16).fill_(1)  # just under 2 MiB
+    assert huge_kib_of_mapping(small.data_ptr()) == 0
+    monkeypatch.setenv("DUOGPT_HUGE_PAGES", "0")
+    assert not huge_pages_enabled()
+    big = huge_page_empty(4 * HUGE_PAGE_BYTES, torch.uint8).fill_(1)
+    assert huge_kib_of_mapping(big.data_ptr()) == 0
+    monkeypatch.setenv("DUOGPT_HUGE_PAGES", "1")
+    advised = huge_page_empty(4 * HUGE_PAGE_BYTES, torch.uint8).fill_(1)
+    assert huge_kib_of_mapping(advised.data_ptr()) > 0
+
+
+@needs_thp
+@pytest.mark.skipif(not cpu_kernel_available()[0], reason=cpu_kernel_available()[1])
+def test_packed_weight_is_on_huge_pages_and_multiplies_right() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4096, 1024, generator=gen)
+    weight *= torch.rand(4096, 1024, generator=gen) >= 0.5
+    packed = pack_cpu_weight(weight)
+    assert packed.data.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert huge_kib_of_mapping(packed.data.data_ptr()) > 0
+    x = torch.randn(2, 1024, generator=gen)
+    ref = dual_sparse_linear_reference(x, unpack_cpu_weight(packed).float(), 0.5)
+    torch.testing.assert_close(cpu_dual_sparse_linear(x, packed, 0.5), ref, rtol=1e-5, atol=1e-4)
