@@ -2,9 +2,11 @@
 // fraction of fixed-size chunks of a 512 MiB buffer, chosen at random, in address order, split
 // between OpenMP threads, with the same software prefetch as the CPU kernel (the chunks' lines in
 // read order, a fixed distance ahead). No arithmetic beyond an integer sum: an upper bound for
-// the dual-sparse decode kernel's useful bytes per second. Driven by memory_ceiling.py.
+// the dual-sparse decode kernel's useful bytes per second. HUGE_PAGES 1 advises the buffer onto
+// 2 MiB transparent huge pages, as kernels/huge_pages.py does for the weights. Driven by
+// memory_ceiling.py.
 //
-// usage: memory_ceiling CHUNK_BYTES FRACTION AHEAD_BYTES   -> prints useful GB/s (best of 5)
+// usage: memory_ceiling CHUNK_BYTES FRACTION AHEAD_BYTES HUGE_PAGES  -> useful GB/s (best of 5)
 
 #include <immintrin.h>
 #include <omp.h>
@@ -12,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 static double now(void) {
@@ -21,19 +24,24 @@ static double now(void) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s CHUNK_BYTES FRACTION AHEAD_BYTES\n", argv[0]);
+  if (argc != 5) {
+    fprintf(stderr, "usage: %s CHUNK_BYTES FRACTION AHEAD_BYTES HUGE_PAGES\n", argv[0]);
     return 2;
   }
   const size_t chunk = strtoul(argv[1], NULL, 10);
   const double fraction = atof(argv[2]);
   const long ahead = atol(argv[3]);
-  if (chunk < 64 || fraction <= 0 || fraction > 1 || ahead < 0) {
-    fprintf(stderr, "need CHUNK_BYTES >= 64, 0 < FRACTION <= 1, AHEAD_BYTES >= 0\n");
+  const int huge = atoi(argv[4]);
+  if (chunk < 64 || fraction <= 0 || fraction > 1 || ahead < 0 || (huge != 0 && huge != 1)) {
+    fprintf(stderr, "need CHUNK_BYTES >= 64, 0 < FRACTION <= 1, AHEAD_BYTES >= 0, HUGE_PAGES 0|1\n");
     return 2;
   }
   const size_t total = (size_t)512 << 20;
-  char* buf = aligned_alloc(4096, total);
+  char* buf = aligned_alloc((size_t)2 << 20, total);
+  if (huge && madvise(buf, total, MADV_HUGEPAGE) != 0) {
+    perror("madvise(MADV_HUGEPAGE)");
+    return 1;
+  }
   memset(buf, 1, total);
   const size_t n_chunks = total / chunk;
   size_t* chosen = malloc(n_chunks * sizeof(size_t));

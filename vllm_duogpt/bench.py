@@ -59,7 +59,8 @@ def model_memory(model: torch.nn.Module) -> dict[str, int]:
     Returns:
         ``model_weight_bytes``, ``kv_cache_bytes``, ``worker_pid``, ``worker_rss_bytes`` and
         ``worker_threads`` (torch's intra-op threads in the worker: vLLM's CPU backend keeps a
-        core per worker for its scheduler unless ``VLLM_CPU_NUM_OF_RESERVED_CPU`` says otherwise).
+        core per worker for its scheduler unless ``VLLM_CPU_NUM_OF_RESERVED_CPU`` says otherwise)
+        and ``worker_huge_page_bytes`` (the worker's memory on transparent huge pages).
     """
     import psutil
 
@@ -103,7 +104,19 @@ def model_memory(model: torch.nn.Module) -> dict[str, int]:
         "worker_pid": os.getpid(),
         "worker_rss_bytes": psutil.Process().memory_info().rss,
         "worker_threads": torch.get_num_threads(),
+        "worker_huge_page_bytes": _anon_huge_page_bytes(),
     }
+
+
+def _anon_huge_page_bytes() -> int | None:
+    """Bytes of this process on transparent huge pages (Linux), else None."""
+    rollup = Path("/proc/self/smaps_rollup")
+    if not rollup.exists():
+        return None
+    for line in rollup.read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def checkpoint_file_bytes(model_dir: str | os.PathLike[str]) -> int:
