@@ -50,13 +50,14 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype)
     # One spare huge page of address space, to start on a boundary; untouched, it costs nothing.
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping alive
-    start = -whole.data_ptr() % HUGE_PAGE_BYTES
+    base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+    start = -base % HUGE_PAGE_BYTES
     advised = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     mapping.madvise(mmap.MADV_HUGEPAGE, start, advised)
     # the partial last huge page stays on 4 KiB pages, even where the system default is huge
     mapping.madvise(mmap.MADV_NOHUGEPAGE, start + advised)
-    return whole[start : start + nbytes].view(dtype)
+    # a storage of exactly these bytes, which holds the mapping alive
+    return torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start)
 
 
 def to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ def test_copy_keeps_values_shape_and_dtype(numel: int, dtype: torch.dtype) -> No
     assert copy.shape == source.shape and copy.dtype == dtype
     assert torch.equal(copy, source)
     assert copy.data_ptr() != source.data_ptr()
+    assert copy.untyped_storage().nbytes() == source.untyped_storage().nbytes()  # no slack held
 
 
 @needs_thp

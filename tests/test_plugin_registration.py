@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
+import torch
 
 import vllm_duogpt
 from vllm_duogpt import format as fmt
@@ -67,3 +68,23 @@ def test_kernel_choice_prefers_the_cpu_kernel_and_can_be_forced(monkeypatch):
     monkeypatch.setenv("DUOGPT_KERNEL", "triton")
     with pytest.raises(RuntimeError, match="not a CUDA GPU"):
         choose_kernel(torch.device("cpu"), torch.float32)
+
+
+def test_embedding_packs_its_cpu_gemm_copy_only_for_a_product():
+    """The input embedding skips vLLM's CPU GEMM copy at load and makes it on a first product."""
+    from vllm.platforms import current_platform
+
+    from vllm_duogpt.embedding_method import DuoGPTEmbeddingMethod
+
+    if not current_platform.is_cpu():
+        pytest.skip("the copy is a CPU-backend matter")
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(48, 16), requires_grad=False)
+    method = DuoGPTEmbeddingMethod()
+    method.process_weights_after_loading(layer)
+    assert not hasattr(layer, "cpu_linear")
+    ids = torch.tensor([3, 0, 47])
+    assert torch.equal(method.embedding(layer, ids), layer.weight[ids])
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(method.apply(layer, x), x @ layer.weight.T)
+    assert hasattr(layer, "cpu_linear")

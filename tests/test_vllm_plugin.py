@@ -89,7 +89,9 @@ def assert_matches_oracle(ckpt: Path, results: list[dict]) -> None:
 def test_eager_matches_torch_oracle(llama_ckpt, tmp_path):
     assert_matches_oracle(llama_ckpt, run_vllm(llama_ckpt, tmp_path, "--eager"))
     # the fp16 checkpoint served in fp32 ran its lm_head through the 16-bit CPU product
-    assert "lm_head kept in torch.float16" in (tmp_path / "vllm.log").read_text()
+    log = (tmp_path / "vllm.log").read_text()
+    assert "lm_head kept in torch.float16" in log
+    assert "input embedding looked up only, no GEMM copy packed" in log
 
 
 def test_compiled_matches_torch_oracle(llama_ckpt, tmp_path):
@@ -104,7 +106,9 @@ def test_tensor_parallel_2_matches_torch_oracle(llama_ckpt, tmp_path):
 def test_qwen2_with_qkv_bias_matches_torch_oracle(qwen2_ckpt, tmp_path):
     assert_matches_oracle(qwen2_ckpt, run_vllm(qwen2_ckpt, tmp_path, "--eager"))
     # its lm_head is tied to the embedding, which must stay in the serving dtype
-    assert "lm_head kept in" not in (tmp_path / "vllm.log").read_text()
+    log = (tmp_path / "vllm.log").read_text()
+    assert "lm_head kept in" not in log
+    assert "input embedding looked up only, no GEMM copy packed" in log  # lm_head has its own
 
 
 def test_duogpt_calibrated_checkpoint_matches_torch_oracle(calibrated_ckpt, tmp_path):

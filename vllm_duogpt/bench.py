@@ -22,6 +22,7 @@ other, so engines do not share a process and do not compete for the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -50,8 +51,8 @@ METHOD = (
 def model_memory(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of the weights a loaded vLLM model holds (runs inside the worker).
 
-    Counted, each storage once: parameters, buffers, plain tensor attributes (our kernels keep
-    their layouts that way), tensors inside dicts, lists, tuples and closures found there, and
+    Counted, each storage once: parameters, buffers, plain tensor attributes, tensors inside
+    dataclasses (our kernels keep their layouts that way), dicts, lists, tuples and closures, and
     the oneDNN handles vLLM's CPU backend moves dense linear weights into (opaque to torch;
     counted as ``K x N`` elements of the layer's dtype, the size of the packed copy). vLLM hangs
     the KV cache on the attention modules as ``kv_cache``; it is counted apart.
@@ -73,6 +74,9 @@ def model_memory(model: torch.nn.Module) -> dict[str, int]:
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 totals[key] += storage.nbytes()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for field in dataclasses.fields(value):  # e.g. the CPU kernel's packed layout
+                count(getattr(value, field.name), key, element_size)
         elif isinstance(value, dict):
             for item in value.values():
                 count(item, key, element_size)

@@ -14,7 +14,10 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 
 from vllm_duogpt import format as fmt
 
@@ -25,7 +28,7 @@ class DuoGPTConfig(QuantizationConfig):
     Every linear layer of the model (attention and MLP projections, fused ones included) is
     loaded from its compressed parts and run as a dual-sparse product; embeddings, norms and
     lm_head stay dense (a 16-bit lm_head served in fp32 on a CPU keeps its 16-bit values:
-    head_method.py).
+    head_method.py; the input embedding skips vLLM's CPU GEMM copy: embedding_method.py).
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
@@ -77,6 +80,10 @@ class DuoGPTConfig(QuantizationConfig):
             from vllm_duogpt.head_method import DuoGPTHeadMethod
 
             return DuoGPTHeadMethod(prefix)
+        if isinstance(layer, VocabParallelEmbedding):
+            from vllm_duogpt.embedding_method import DuoGPTEmbeddingMethod
+
+            return DuoGPTEmbeddingMethod()
         return None
 
 
