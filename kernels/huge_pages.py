@@ -11,18 +11,26 @@ a plain stream gains less (34 -> 38 GB/s), as its page walks overlap with the pr
 Linux backs an anonymous mapping with huge pages where the process asks (``madvise``) and
 the system allows it (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
 ``madvise``); elsewhere the buffer is ordinary memory and everything works the same, a little
-slower. Only whole 2 MiB pages inside the buffer are advised, so a buffer never holds memory
-beyond its own bytes rounded up to 4 KiB. ``DUOGPT_HUGE_PAGES=0`` turns the advice off.
+slower. ``DUOGPT_HUGE_PAGES=0`` turns the advice off.
+
+Small buffers (most layers of a small model are under 2 MiB) are cut one after the other from
+shared 32 MiB chunks, so they sit on huge pages too; a chunk is unmapped when the last tensor in
+it goes, and the unused end of a chunk, never touched, holds at most one partial huge page.
+Buffers over half a chunk get a mapping of their own, where only the whole 2 MiB pages are
+advised: such a buffer holds no memory beyond its own bytes rounded up to 4 KiB.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 import torch
 
 HUGE_PAGE_BYTES = 2 << 20
+CHUNK_BYTES = 16 * HUGE_PAGE_BYTES
+ALIGN_BYTES = 64  # each buffer starts on a cache line
 ENV_SWITCH = "DUOGPT_HUGE_PAGES"
 
 
@@ -31,12 +39,46 @@ def huge_pages_enabled() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
-def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised 1-D tensor whose whole 2 MiB pages are advised onto huge pages.
+def _advised_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
+    """A private anonymous mapping and the offset in it of ``nbytes`` starting on a 2 MiB
+    boundary, whose whole huge pages are advised and whose partial last one is not."""
+    # One spare huge page of address space, to start on a boundary; untouched, it costs nothing.
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+    start = -base % HUGE_PAGE_BYTES
+    advised = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    mapping.madvise(mmap.MADV_HUGEPAGE, start, advised)
+    # the partial last huge page stays on 4 KiB pages, even where the system default is huge
+    mapping.madvise(mmap.MADV_NOHUGEPAGE, start + advised)
+    return mapping, start
 
-    The buffer is a private anonymous mapping (freed when the last view of the tensor goes),
-    starting on a 2 MiB boundary. Buffers under 2 MiB, or with huge pages off, come from
-    ``torch.empty``.
+
+class _Chunks:
+    """Cuts small buffers one after the other out of the current chunk, a new one when full."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mapping: mmap.mmap | None = None
+        self._next = self._end = 0
+
+    def take(self, nbytes: int) -> tuple[mmap.mmap, int]:
+        with self._lock:
+            if self._mapping is None or self._next + nbytes > self._end:
+                self._mapping, self._next = _advised_mapping(CHUNK_BYTES)
+                self._end = self._next + CHUNK_BYTES
+            offset = self._next
+            self._next += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+            return self._mapping, offset
+
+
+_chunks = _Chunks()
+
+
+def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised 1-D tensor on huge pages (see the module docstring).
+
+    Its storage holds exactly its own bytes, and keeps its mapping alive. With huge pages off, or
+    for an empty tensor, it comes from ``torch.empty``.
 
     Args:
         numel: elements.
@@ -46,18 +88,13 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
         ``[numel]`` tensor of ``dtype`` on the CPU.
     """
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < HUGE_PAGE_BYTES or not huge_pages_enabled():
+    if nbytes == 0 or not huge_pages_enabled():
         return torch.empty(numel, dtype=dtype)
-    # One spare huge page of address space, to start on a boundary; untouched, it costs nothing.
-    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
-    start = -base % HUGE_PAGE_BYTES
-    advised = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    mapping.madvise(mmap.MADV_HUGEPAGE, start, advised)
-    # the partial last huge page stays on 4 KiB pages, even where the system default is huge
-    mapping.madvise(mmap.MADV_NOHUGEPAGE, start + advised)
-    # a storage of exactly these bytes, which holds the mapping alive
-    return torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start)
+    if nbytes > CHUNK_BYTES // 2:
+        mapping, offset = _advised_mapping(nbytes)
+    else:
+        mapping, offset = _chunks.take(nbytes)
+    return torch.frombuffer(mapping, dtype=dtype, count=numel, offset=offset)
 
 
 def to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:

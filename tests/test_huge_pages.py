@@ -68,26 +68,37 @@ def test_copy_keeps_values_shape_and_dtype(numel: int, dtype: torch.dtype) -> No
 
 
 @needs_thp
-def test_whole_huge_pages_only() -> None:
-    """A buffer of 3.5 huge pages gets 3, on a 2 MiB boundary; the last half stays small pages."""
-    buffer = huge_page_empty(7 * HUGE_PAGE_BYTES // 2, torch.uint8)
+def test_large_buffer_gets_whole_huge_pages_only() -> None:
+    """A buffer of 8.5 huge pages (its own mapping) gets 8, on a 2 MiB boundary; the last half
+    stays on small pages."""
+    buffer = huge_page_empty(17 * HUGE_PAGE_BYTES // 2, torch.uint8)
     assert buffer.data_ptr() % HUGE_PAGE_BYTES == 0
     buffer.fill_(1)
     huge_kib = huge_kib_of_mapping(buffer.data_ptr())
-    assert 0 < huge_kib <= 3 * HUGE_PAGE_BYTES // 1024, huge_kib
+    assert 0 < huge_kib <= 8 * HUGE_PAGE_BYTES // 1024, huge_kib
     assert int(buffer.sum()) == buffer.numel()
 
 
+@needs_thp
+def test_small_buffers_share_huge_pages_without_overlap() -> None:
+    buffers = [huge_page_empty(50_001, torch.int16) for _ in range(30)]  # 100 KB each
+    for i, buffer in enumerate(buffers):
+        buffer.fill_(i)
+    for i, buffer in enumerate(buffers):
+        assert buffer.data_ptr() % 64 == 0
+        assert buffer.untyped_storage().nbytes() == 100_002
+        assert bool((buffer == i).all()), f"buffer {i} was overwritten"
+    assert huge_kib_of_mapping(buffers[0].data_ptr()) > 0
+
+
 @only_where_advised
-def test_small_buffers_and_switched_off_use_small_pages(monkeypatch) -> None:
-    """Under 2 MiB, or with ``DUOGPT_HUGE_PAGES=0``, nothing is advised, so (where huge pages
-    come only on advice) the buffer's mapping holds none."""
-    small = huge_page_empty(HUGE_PAGE_BYTES // 2 - 1, torch.int16).fill_(1)  # just under 2 MiB
-    assert huge_kib_of_mapping(small.data_ptr()) == 0
+def test_switched_off_uses_small_pages(monkeypatch) -> None:
+    """With ``DUOGPT_HUGE_PAGES=0`` nothing is advised, so (where huge pages come only on
+    advice) the buffer's mapping holds none."""
     monkeypatch.setenv("DUOGPT_HUGE_PAGES", "0")
     assert not huge_pages_enabled()
-    big = huge_page_empty(4 * HUGE_PAGE_BYTES, torch.uint8).fill_(1)
-    assert huge_kib_of_mapping(big.data_ptr()) == 0
+    plain = huge_page_empty(4 * HUGE_PAGE_BYTES, torch.uint8).fill_(1)
+    assert huge_kib_of_mapping(plain.data_ptr()) == 0
     monkeypatch.setenv("DUOGPT_HUGE_PAGES", "1")
     advised = huge_page_empty(4 * HUGE_PAGE_BYTES, torch.uint8).fill_(1)
     assert huge_kib_of_mapping(advised.data_ptr()) > 0
@@ -100,7 +111,6 @@ def test_packed_weight_is_on_huge_pages_and_multiplies_right() -> None:
     weight = torch.randn(4096, 1024, generator=gen)
     weight *= torch.rand(4096, 1024, generator=gen) >= 0.5
     packed = pack_cpu_weight(weight)
-    assert packed.data.data_ptr() % HUGE_PAGE_BYTES == 0
     assert huge_kib_of_mapping(packed.data.data_ptr()) > 0
     x = torch.randn(2, 1024, generator=gen)
     ref = dual_sparse_linear_reference(x, unpack_cpu_weight(packed).float(), 0.5)
