@@ -5,8 +5,9 @@ every decoder linear is timed at batch 1 on the inputs it really sees (captured 
 pass over a window of real text, at several token positions), through the same kernel class the
 vLLM plugin serves with (``kernel_choice.choose_kernel``: the CPU kernel here) for a DuoGPT
 checkpoint, and through fp32 ``torch.nn.functional.linear`` (what vLLM runs for a dense fp32
-model) for a dense one. Attention, norms and the LM head are not included: this is the part of
-decode that sparsity changes, not end-to-end tokens/s (``duogpt bench`` measures that).
+model) for a dense one, its weights on huge pages as the packed ones are (kernels/huge_pages.py).
+Attention, norms and the LM head are not included: this is the part of decode that sparsity
+changes, not end-to-end tokens/s (``duogpt bench`` measures that).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from vllm_duogpt import format as fmt
 from vllm_duogpt.calibrate.blocks import decoder_layers, hooks
 from vllm_duogpt.evaluate import load_hf_model, model_kind
+from vllm_duogpt.kernels.huge_pages import to_huge_pages
 from vllm_duogpt.torch_model import build_torch_model
 
 
@@ -133,7 +135,8 @@ def decoder_linear_time(
         kernel_name = kernel.name
     else:
         for linear in linears.values():
-            weight = linear.weight.detach().to(torch.float32)
+            # on huge pages like the packed weights: the ratio compares kernels, not page sizes
+            weight = to_huge_pages(linear.weight.detach().to(torch.float32))
             calls.append(lambda x, weight=weight: torch.nn.functional.linear(x, weight))
         kernel_name = "torch-fp32-dense"
     del model
