@@ -240,41 +240,84 @@ def kernel_table(
                     problem = build_problem(n, k, m, ws, xs, seed=7)
                     x, tau = problem.x, problem.threshold
                     if dense_us is None:
-                        dense_us = time_us([partial(torch.nn.functional.linear, x, w)
-                                            for w in problem.dense])
+                        dense_us = time_us(
+                            [partial(torch.nn.functional.linear, x, w) for w in problem.dense]
+                        )
                     if m <= 16 and xs not in act_us:
-                        act_us[xs] = time_us([partial(act_only, x, w, tau)
-                                              for w in problem.act_only])
+                        act_us[xs] = time_us(
+                            [partial(act_only, x, w, tau) for w in problem.act_only]
+                        )
                     ours_us = time_us([partial(ours, x, w, tau) for w in problem.packed])
-                    row = make_row(name, n, k, m, ws, xs, problem, dense_us,
-                                   act_us.get(xs) if m <= 16 else None, ours_us)
+                    row = make_row(
+                        name,
+                        n,
+                        k,
+                        m,
+                        ws,
+                        xs,
+                        problem,
+                        dense_us,
+                        act_us.get(xs) if m <= 16 else None,
+                        ours_us,
+                    )
                     if m >= alt_from:
                         with other_prefill_path(m) as alt:
                             row.alt_kernel = alt
                             row.alt_us = time_us([partial(ours, x, w, tau) for w in problem.packed])
                     rows.append(row)
-                    logger.info("%s m=%d W%.1f X%.1f timed in %.1f s", name, m, ws, xs,
-                                time.time() - started)
+                    logger.info(
+                        "%s m=%d W%.1f X%.1f timed in %.1f s",
+                        name,
+                        m,
+                        ws,
+                        xs,
+                        time.time() - started,
+                    )
     return rows
 
 
-def make_row(name: str, n: int, k: int, m: int, ws: float, xs: float, p: Problem,
-             dense_us: float, act_us: float | None, ours_us: float) -> Row:
+def make_row(
+    name: str,
+    n: int,
+    k: int,
+    m: int,
+    ws: float,
+    xs: float,
+    p: Problem,
+    dense_us: float,
+    act_us: float | None,
+    ours_us: float,
+) -> Row:
     """Bytes each kernel must move (weights read, activations read, outputs written) / time."""
     from vllm_duogpt.kernels.reference import sparsify_activations
 
     io = (m * k + m * n) * 2
     active = (sparsify_activations(p.x, p.threshold) != 0).any(dim=0)
-    ours_bytes = p.packed[0].bytes_read(active) if m <= DECODE_MAX_TOKENS else (
-        p.packed[0].bytes_read(torch.ones_like(active)))
+    ours_bytes = (
+        p.packed[0].bytes_read(active)
+        if m <= DECODE_MAX_TOKENS
+        else (p.packed[0].bytes_read(torch.ones_like(active)))
+    )
     act_bytes = int(active.sum().item()) * n * 2
 
     def gbps(nbytes: int, us: float | None) -> float | None:
         return None if us is None else (nbytes + io) / us / 1e3
 
-    return Row(name, n, k, m, ws, xs, path_name(m),
-               dense_us, gbps(n * k * 2, dense_us), ours_us, gbps(ours_bytes, ours_us),
-               act_us, gbps(act_bytes, act_us))
+    return Row(
+        name,
+        n,
+        k,
+        m,
+        ws,
+        xs,
+        path_name(m),
+        dense_us,
+        gbps(n * k * 2, dense_us),
+        ours_us,
+        gbps(ours_bytes, ours_us),
+        act_us,
+        gbps(act_bytes, act_us),
+    )
 
 
 def target_checks(rows: list[Row]) -> list[str]:
@@ -285,13 +328,17 @@ def target_checks(rows: list[Row]) -> list[str]:
             continue
         if r.tokens == 1:
             ok = r.speedup_vs_dense >= 2.4 and (r.speedup_vs_act_only or 0) >= 1.4
-            lines.append(f"{'PASS' if ok else 'MISS'} {r.shape} batch 1: {r.speedup_vs_dense:.2f}x"
-                         f" dense (>= 2.4), {r.speedup_vs_act_only:.2f}x act-only (>= 1.4)")
+            lines.append(
+                f"{'PASS' if ok else 'MISS'} {r.shape} batch 1: {r.speedup_vs_dense:.2f}x"
+                f" dense (>= 2.4), {r.speedup_vs_act_only:.2f}x act-only (>= 1.4)"
+            )
         goal = {16: 0.97, 512: 0.8}.get(r.tokens)
         if goal is not None:
             ok = r.speedup_vs_dense >= goal
-            lines.append(f"{'PASS' if ok else 'MISS'} {r.shape} {r.tokens} tokens: "
-                         f"{r.speedup_vs_dense:.2f}x dense (>= {goal})")
+            lines.append(
+                f"{'PASS' if ok else 'MISS'} {r.shape} {r.tokens} tokens: "
+                f"{r.speedup_vs_dense:.2f}x dense (>= {goal})"
+            )
     return lines
 
 
@@ -299,10 +346,14 @@ def render_markdown(rows: list[Row], targets: list[str], header: str) -> str:
     def fmt(v: float | None, spec: str) -> str:
         return "n/a" if v is None else format(v, spec)
 
-    lines = [header, "", "| shape | N x K | tokens | W | X | kernel | dense us | dense GB/s | "
-             "act-only us | act-only GB/s | ours us | ours GB/s | vs dense | vs act-only | "
-             "other path us |",
-             "|" + "---|" * 15]
+    lines = [
+        header,
+        "",
+        "| shape | N x K | tokens | W | X | kernel | dense us | dense GB/s | "
+        "act-only us | act-only GB/s | ours us | ours GB/s | vs dense | vs act-only | "
+        "other path us |",
+        "|" + "---|" * 15,
+    ]
     for r in rows:
         lines.append(
             f"| {r.shape} | {r.n}x{r.k} | {r.tokens} | {r.weight_sparsity} | {r.act_sparsity} | "
@@ -319,14 +370,27 @@ def write_report(rows: list[Row], targets: list[str], out: Path) -> None:
     import triton
 
     props = torch.cuda.get_device_properties(0)
-    meta = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-            "dtype": str(DTYPE), "timing": "do_bench_cudagraph, weights rotated past L2"}
-    header = (f"# Dual-sparse GPU kernels on {props.name}\n\ntorch {torch.__version__}, triton "
-              f"{triton.__version__}, bf16, CUDA-graph timing, weights rotated past L2.")
+    meta = {
+        "device": props.name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": str(DTYPE),
+        "timing": "do_bench_cudagraph, weights rotated past L2",
+    }
+    header = (
+        f"# Dual-sparse GPU kernels on {props.name}\n\ntorch {torch.__version__}, triton "
+        f"{triton.__version__}, bf16, CUDA-graph timing, weights rotated past L2."
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(render_markdown(rows, targets, header))
-    records = [{**asdict(r), "speedup_vs_dense": r.speedup_vs_dense,
-                "speedup_vs_act_only": r.speedup_vs_act_only} for r in rows]
+    records = [
+        {
+            **asdict(r),
+            "speedup_vs_dense": r.speedup_vs_dense,
+            "speedup_vs_act_only": r.speedup_vs_act_only,
+        }
+        for r in rows
+    ]
     out.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "rows": records, "targets": targets}, indent=2)
     )
@@ -334,13 +398,16 @@ def write_report(rows: list[Row], targets: list[str], out: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True,
-                        help="report path; writes <out>.md and <out>.json")
-    parser.add_argument("--shapes", nargs="*", choices=list(LLAMA3_8B_SHAPES),
-                        default=list(LLAMA3_8B_SHAPES))
+    parser.add_argument(
+        "--out", type=Path, required=True, help="report path; writes <out>.md and <out>.json"
+    )
+    parser.add_argument(
+        "--shapes", nargs="*", choices=list(LLAMA3_8B_SHAPES), default=list(LLAMA3_8B_SHAPES)
+    )
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
-    parser.add_argument("--quick", action="store_true",
-                        help="W0.5/X0.5 only and tokens 1, 16, 512 (about a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="W0.5/X0.5 only and tokens 1, 16, 512 (about a minute)"
+    )
     return parser.parse_args(argv)
 
 
@@ -358,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
 
     failures = check_correctness(shapes, tuple(m for m in (1, 4, 16, 512) if m in tokens))
     if failures:
-        print("kernel output does not match the reference:\n" + "\n".join(failures),
-              file=sys.stderr)
+        print(
+            "kernel output does not match the reference:\n" + "\n".join(failures), file=sys.stderr
+        )
         return 1
     rows = kernel_table(shapes, tokens, ws, xs)
     targets = target_checks(rows)

@@ -91,17 +91,35 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 @triton.jit(do_not_specialize=["SPLIT_K", "M_BUCKET", "N_BUCKET", "K_BUCKET"])
 def _act_only_kernel(
     # pointers
-    x_ptr, wt_ptr, bias_ptr, out_ptr, partial_ptr, sem_ptr,
+    x_ptr,
+    wt_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    sem_ptr,
     # sizes
-    M, N, K, threshold,
+    M,
+    N,
+    K,
+    threshold,
     # strides
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
     # autotune keys (bucketed shapes; not read by the body)
-    M_BUCKET, N_BUCKET, K_BUCKET,
+    M_BUCKET,
+    N_BUCKET,
+    K_BUCKET,
     # meta-parameters (SPLIT_K is a plain, unspecialised int: configs differing only in it
     # share one binary)
-    BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K,
+    BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -120,22 +138,35 @@ def _act_only_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k < k_hi)[None, :], other=0.0,
+            mask=m_mask[:, None] & (offs_k < k_hi)[None, :],
+            other=0.0,
         ).to(tl.float32)
         x = tl.where(tl.abs(x) < threshold, 0.0, x)
         active = tl.max(tl.where(x != 0.0, 1, 0), axis=0) > 0
         # Step 2: the active channels' contiguous weight rows.
         w = tl.load(
             wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=active[:, None] & n_mask[None, :], other=0.0,
+            mask=active[:, None] & n_mask[None, :],
+            other=0.0,
         ).to(tl.float32)
         acc += x[:, :, None] * w[None, :, :]
 
     store_split_k(
-        tl.sum(acc, axis=1), offs_m, offs_n, M, N,
-        out_ptr, stride_om, stride_on, bias_ptr,
-        partial_ptr, sem_ptr, pid_n, pid_k,
-        SPLIT_K, HAS_BIAS,
+        tl.sum(acc, axis=1),
+        offs_m,
+        offs_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        stride_on,
+        bias_ptr,
+        partial_ptr,
+        sem_ptr,
+        pid_n,
+        pid_k,
+        SPLIT_K,
+        HAS_BIAS,
     )
 
 
@@ -200,13 +231,27 @@ def triton_act_only_decode(
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     _act_only_kernel[grid](
-        x, weight_t, bias if bias is not None else out, out, partial,
+        x,
+        weight_t,
+        bias if bias is not None else out,
+        out,
+        partial,
         split_semaphores(x.device),
-        m, n, k, threshold_in_dtype(threshold, x.dtype),
-        x.stride(0), x.stride(1), weight_t.stride(0), weight_t.stride(1),
-        out.stride(0), out.stride(1),
-        block_m, shape_bucket(n), shape_bucket(k),
-        BLOCK_M=block_m, HAS_BIAS=bias is not None,
+        m,
+        n,
+        k,
+        threshold_in_dtype(threshold, x.dtype),
+        x.stride(0),
+        x.stride(1),
+        weight_t.stride(0),
+        weight_t.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_m,
+        shape_bucket(n),
+        shape_bucket(k),
+        BLOCK_M=block_m,
+        HAS_BIAS=bias is not None,
     )
     return out
 

@@ -169,8 +169,15 @@ def popcount32(x, USE_PTX: tl.constexpr):
 
 @triton.jit
 def _store_output(
-    acc, offs_m, offs_n, N, mask,
-    out_ptr, stride_om, stride_on, bias_ptr,
+    acc,
+    offs_m,
+    offs_n,
+    N,
+    mask,
+    out_ptr,
+    stride_om,
+    stride_on,
+    bias_ptr,
     HAS_BIAS: tl.constexpr,
 ):
     if HAS_BIAS:
@@ -183,10 +190,21 @@ def _store_output(
 # acc: [BLOCK_M, BLOCK_N] fp32 partial sum of one program; partial: [SPLIT_K, M, N] fp32 scratch
 @triton.jit
 def store_split_k(
-    acc, offs_m, offs_n, M, N,
-    out_ptr, stride_om, stride_on, bias_ptr,
-    partial_ptr, sem_ptr, tile_id, pid_k,
-    SPLIT_K, HAS_BIAS: tl.constexpr,
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    out_ptr,
+    stride_om,
+    stride_on,
+    bias_ptr,
+    partial_ptr,
+    sem_ptr,
+    tile_id,
+    pid_k,
+    SPLIT_K,
+    HAS_BIAS: tl.constexpr,
 ):
     """Write ``acc`` to ``out`` directly, or through the serial split-K fix-up."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)

@@ -119,18 +119,39 @@ def _range_size(k: int, split_k: int, chunk_k: int) -> int:
 @triton.jit(do_not_specialize=["SPLIT_K", "M_BUCKET", "N_BUCKET", "K_BUCKET", "DENSITY_BIN"])
 def _dual_sparse_decode_kernel(
     # pointers
-    x_ptr, values_ptr, bitmap_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, sem_ptr,
+    x_ptr,
+    values_ptr,
+    bitmap_ptr,
+    offsets_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    sem_ptr,
     active_ptr,
     # sizes
-    M, N, K, N_TILES, threshold,
+    M,
+    N,
+    K,
+    N_TILES,
+    threshold,
     # strides
-    stride_xm, stride_xk, stride_om, stride_on,
+    stride_xm,
+    stride_xk,
+    stride_om,
+    stride_on,
     # autotune keys (bucketed shapes and weight density; not read by the body)
-    M_BUCKET, N_BUCKET, K_BUCKET, DENSITY_BIN,
+    M_BUCKET,
+    N_BUCKET,
+    K_BUCKET,
+    DENSITY_BIN,
     # meta-parameters (SPLIT_K is a plain, unspecialised int: configs differing only in it
     # share one binary)
-    BLOCK_M: tl.constexpr, WORDS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_PTX_POPC: tl.constexpr, CHUNK_K: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    WORDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_PTX_POPC: tl.constexpr,
+    CHUNK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     SPLIT_K,
 ):
     pid_n = tl.program_id(0)
@@ -163,7 +184,8 @@ def _dual_sparse_decode_kernel(
         offs_c = c0 + tl.arange(0, CHUNK_K)
         xc = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_c < k_hi)[None, :], other=0.0,
+            mask=m_mask[:, None] & (offs_c < k_hi)[None, :],
+            other=0.0,
         ).to(tl.float32)
         xc = tl.where(tl.abs(xc) < threshold, 0.0, xc)
         active = tl.max(tl.where(xc != 0.0, 1, 0), axis=0)  # NaN counts as active
@@ -181,7 +203,8 @@ def _dual_sparse_decode_kernel(
         k_idx = tl.load(active_ptr + k_lo + slot, mask=valid, other=0)
         xk = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :] * stride_xk,
-            mask=m_mask[:, None] & valid[None, :], other=0.0,
+            mask=m_mask[:, None] & valid[None, :],
+            other=0.0,
         ).to(tl.float32)
         xk = tl.where(tl.abs(xk) < threshold, 0.0, xk)
         # Step 3: decode their slots: the value index of every kept row.
@@ -189,7 +212,8 @@ def _dual_sparse_decode_kernel(
         start = tl.load(offsets_ptr + slot_idx, mask=valid, other=0)
         words = tl.load(
             bitmap_ptr + slot_idx[:, None] * WORDS + words_idx[None, :],
-            mask=valid[:, None], other=0,
+            mask=valid[:, None],
+            other=0,
         )
         counts = popcount32(words, USE_PTX_POPC)
         word_start = start[:, None] + tl.cumsum(counts, axis=1) - counts  # [BLOCK_K, WORDS]
@@ -207,10 +231,21 @@ def _dual_sparse_decode_kernel(
     out = tl.reshape(tl.permute(tl.sum(acc, axis=2), (0, 2, 1, 3)), [BLOCK_M, WORDS * 32])
     offs_n = pid_n * (WORDS * 32) + tl.arange(0, WORDS * 32)
     store_split_k(
-        out, offs_m, offs_n, M, N,
-        out_ptr, stride_om, stride_on, bias_ptr,
-        partial_ptr, sem_ptr, pid_n, pid_k,
-        SPLIT_K, HAS_BIAS,
+        out,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        stride_on,
+        bias_ptr,
+        partial_ptr,
+        sem_ptr,
+        pid_n,
+        pid_k,
+        SPLIT_K,
+        HAS_BIAS,
     )
 
 
@@ -276,7 +311,8 @@ def triton_dual_sparse_decode(
     # Active-channel lists: one region per channel range, each range whole chunks.
     active = torch.empty(
         max(_range_size(k, c.kwargs["SPLIT_K"], c.kwargs["CHUNK_K"]) for c in configs),
-        dtype=torch.int32, device=x.device,
+        dtype=torch.int32,
+        device=x.device,
     )
     density = (values.numel() - 1) / max(n * k, 1)
 
@@ -284,12 +320,31 @@ def triton_dual_sparse_decode(
         return (num_tiles, meta["SPLIT_K"])
 
     _dual_sparse_decode_kernel[grid](
-        x, values, bitmap, offsets, bias if bias is not None else out, out, partial,
-        split_semaphores(x.device), active,
-        m, n, k, num_tiles, threshold_in_dtype(threshold, x.dtype),
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        block_m, shape_bucket(n), shape_bucket(k), density_bin(density),
-        BLOCK_M=block_m, WORDS=words, HAS_BIAS=bias is not None,
+        x,
+        values,
+        bitmap,
+        offsets,
+        bias if bias is not None else out,
+        out,
+        partial,
+        split_semaphores(x.device),
+        active,
+        m,
+        n,
+        k,
+        num_tiles,
+        threshold_in_dtype(threshold, x.dtype),
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_m,
+        shape_bucket(n),
+        shape_bucket(k),
+        density_bin(density),
+        BLOCK_M=block_m,
+        WORDS=words,
+        HAS_BIAS=bias is not None,
         USE_PTX_POPC=use_ptx_popc(x.device, _INTERPRETED),
     )
     return out

@@ -105,17 +105,38 @@ def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
 @triton.jit(do_not_specialize=["SPLIT_K", "M_BUCKET", "N_BUCKET", "K_BUCKET", "DENSITY_BIN"])
 def _dual_sparse_prefill_kernel(
     # pointers
-    x_ptr, values_ptr, bitmap_ptr, offsets_ptr, bias_ptr, out_ptr, partial_ptr, sem_ptr,
+    x_ptr,
+    values_ptr,
+    bitmap_ptr,
+    offsets_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    sem_ptr,
     # sizes
-    M, N, K, N_TILES, threshold,
+    M,
+    N,
+    K,
+    N_TILES,
+    threshold,
     # strides
-    stride_xm, stride_xk, stride_om, stride_on,
+    stride_xm,
+    stride_xk,
+    stride_om,
+    stride_on,
     # autotune keys (bucketed shapes and weight density; not read by the body)
-    M_BUCKET, N_BUCKET, K_BUCKET, DENSITY_BIN,
+    M_BUCKET,
+    N_BUCKET,
+    K_BUCKET,
+    DENSITY_BIN,
     # meta-parameters (SPLIT_K is a plain, unspecialised int: configs differing only in it
     # share one binary)
-    WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PTX_POPC: tl.constexpr,
-    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_PTX_POPC: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     SPLIT_K,
 ):
     TILE_N: tl.constexpr = WORDS * 32
@@ -145,7 +166,8 @@ def _dual_sparse_prefill_kernel(
         k_mask = offs_k < k_hi
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
         )
         x = tl.where(tl.abs(x.to(tl.float32)) < threshold, 0.0, x)
         active = (tl.max(tl.where(x != 0.0, 1, 0), axis=0) > 0) & k_mask
@@ -154,7 +176,8 @@ def _dual_sparse_prefill_kernel(
         start = tl.load(offsets_ptr + slot_idx, mask=active, other=0)
         words = tl.load(
             bitmap_ptr + slot_idx[:, None] * WORDS + words_idx[None, :],
-            mask=active[:, None], other=0,
+            mask=active[:, None],
+            other=0,
         )
         counts = popcount32(words, USE_PTX_POPC)
         word_start = start[:, None] + tl.cumsum(counts, axis=1) - counts
@@ -173,10 +196,21 @@ def _dual_sparse_prefill_kernel(
 
     offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)
     store_split_k(
-        acc, offs_m, offs_n, M, N,
-        out_ptr, stride_om, stride_on, bias_ptr,
-        partial_ptr, sem_ptr, pid_n * tl.num_programs(0) + pid_m, pid_k,
-        SPLIT_K, HAS_BIAS,
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        stride_on,
+        bias_ptr,
+        partial_ptr,
+        sem_ptr,
+        pid_n * tl.num_programs(0) + pid_m,
+        pid_k,
+        SPLIT_K,
+        HAS_BIAS,
     )
 
 
@@ -245,20 +279,38 @@ def triton_dual_sparse_prefill(
         tiles = -(-m // MIN_PREFILL_BLOCK_M) * num_tiles
         assert tiles <= SEMAPHORE_SLOTS, f"{tiles} output tiles exceed the split-K counters"
     # Without a split the scratch is never touched; one fp32 element keeps the pointer's type.
-    partial = torch.empty((max_split, m, n) if max_split > 1 else (1,), dtype=torch.float32,
-                          device=x.device)
+    partial = torch.empty(
+        (max_split, m, n) if max_split > 1 else (1,), dtype=torch.float32, device=x.device
+    )
     density = (values.numel() - 1) / max(n * k, 1)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (triton.cdiv(m, meta["BLOCK_M"]), num_tiles, meta["SPLIT_K"])
 
     _dual_sparse_prefill_kernel[grid](
-        x, values, bitmap, offsets, bias if bias is not None else out, out,
-        partial, split_semaphores(x.device),
-        m, n, k, num_tiles, threshold_in_dtype(threshold, x.dtype),
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        shape_bucket(m), shape_bucket(n), shape_bucket(k), density_bin(density),
-        WORDS=words, HAS_BIAS=bias is not None,
+        x,
+        values,
+        bitmap,
+        offsets,
+        bias if bias is not None else out,
+        out,
+        partial,
+        split_semaphores(x.device),
+        m,
+        n,
+        k,
+        num_tiles,
+        threshold_in_dtype(threshold, x.dtype),
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        shape_bucket(m),
+        shape_bucket(n),
+        shape_bucket(k),
+        density_bin(density),
+        WORDS=words,
+        HAS_BIAS=bias is not None,
         USE_PTX_POPC=use_ptx_popc(x.device, _INTERPRETED),
         DOT_FP32=_INTERPRETED or x.dtype == torch.float32,
     )

@@ -41,13 +41,20 @@ def _configs() -> list:
 @triton.jit
 def _unpack_kernel(
     # pointers
-    values_ptr, bitmap_ptr, offsets_ptr, out_ptr,
+    values_ptr,
+    bitmap_ptr,
+    offsets_ptr,
+    out_ptr,
     # sizes
-    N, K,
+    N,
+    K,
     # strides of out [K, N]
-    stride_ok, stride_on,
+    stride_ok,
+    stride_on,
     # meta-parameters
-    WORDS: tl.constexpr, USE_PTX_POPC: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr,
+    USE_PTX_POPC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -110,10 +117,16 @@ def triton_unpack_transposed(
         return (num_tiles, triton.cdiv(k, meta["BLOCK_K"]))
 
     _unpack_kernel[grid](
-        values, bitmap, offsets, out,
-        n, k,
-        out.stride(0), out.stride(1),
-        WORDS=words, USE_PTX_POPC=use_ptx_popc(values.device, _INTERPRETED),
+        values,
+        bitmap,
+        offsets,
+        out,
+        n,
+        k,
+        out.stride(0),
+        out.stride(1),
+        WORDS=words,
+        USE_PTX_POPC=use_ptx_popc(values.device, _INTERPRETED),
     )
     return out
 
