@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -37,6 +38,7 @@ import torch
 from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
 from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight, pack_cpu_weight
 from vllm_duogpt.kernels.huge_pages import to_huge_pages
+from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 
 LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/o, up/gate, down
 SPARSITIES = ((0.5, 0.5), (0.5, 0.0), (0.0, 0.5), (0.7, 0.5))  # (weight, activation)
@@ -101,6 +103,17 @@ def bytes_touched(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> float
     return float(packed.run_lengths()[:, active].sum()) * 2
 
 
+def check_product(
+    label: str, weight: torch.Tensor, packed: CpuSparseWeight, x: torch.Tensor, tau: float
+) -> None:
+    """Stop unless the kernel on this weight copy agrees with the torch reference: a timing of
+    a wrong product (a copy that lost part of its layout, say) would be meaningless."""
+    ref = dual_sparse_linear_reference(x, weight.bfloat16().float(), tau)
+    err = float((cpu_dual_sparse_linear(x, packed, tau) - ref).abs().max() / ref.abs().max())
+    if not err <= 1e-4:
+        raise SystemExit(f"{label}: the kernel disagrees with the reference (error {err:.2e})")
+
+
 def bench_shape(
     n: int, k: int, tokens: int, repeats: int, pool_mib: int, gen: torch.Generator
 ) -> list[Row]:
@@ -132,23 +145,16 @@ def bench_shape(
         bytes_read["dense bf16 ours"] = n * k * 2
 
     for weight_sparsity, act_sparsity in SPARSITIES:
-        packed = pack_cpu_weight(
-            masked_weight(n, k, weight_sparsity, gen), value_dtype=torch.bfloat16
-        )
+        weight = masked_weight(n, k, weight_sparsity, gen)
+        packed = pack_cpu_weight(weight, value_dtype=torch.bfloat16)
         pool = [packed] + [
-            CpuSparseWeight(
-                to_huge_pages(packed.data),
-                packed.offsets.clone(),
-                n,
-                k,
-                packed.panel_rows,
-                packed.value_dtype,
-            )
+            dataclasses.replace(packed, data=to_huge_pages(packed.data))
             for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
         ]
         xs = [torch.randn(tokens, k, generator=gen) for _ in pool]
         taus = [threshold_for(xi, act_sparsity) for xi in xs]
         label = f"ours W{round(weight_sparsity * 100)}/X{round(act_sparsity * 100)}"
+        check_product(label, weight, pool[-1], xs[-1], taus[-1])
         kernels[label] = [
             lambda p=p, xi=xi, tau=tau: cpu_dual_sparse_linear(xi, p, tau)
             for p, xi, tau in zip(pool, xs, taus, strict=True)

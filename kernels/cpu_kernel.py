@@ -105,6 +105,7 @@ def _build_and_load() -> None:
         out_features: int,
         panel_rows: int,
         value_kind: int,
+        bitmaps: bool,
         threshold: float,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
@@ -176,6 +177,7 @@ def cpu_dual_sparse_linear(
                 packed.out_features,
                 packed.panel_rows,
                 packed.value_kind,
+                packed.bitmaps,
                 float(threshold),
                 bias32,
             )

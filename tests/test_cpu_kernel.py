@@ -12,6 +12,7 @@ it from the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from functools import cache
@@ -41,7 +42,8 @@ SHAPES = {  # name: (out_features N, in_features K)
     "llama-ish 512x1376": (512, 1376),
 }
 # weight sparsity -> checkpoint dtype: covers both 16-bit decoders without doubling the table
-WEIGHT_CASES = {0.5: torch.float32, 0.7: torch.float16}
+# (0: nothing pruned, stored without bitmaps)
+WEIGHT_CASES = {0.0: torch.bfloat16, 0.5: torch.float32, 0.7: torch.float16}
 ACT_SPARSITY = (0.0, 0.5, 0.9, 1.0)
 TOKENS = (1, 3, 64)
 THREADS = (1, 2)
@@ -128,17 +130,32 @@ def test_bytes_per_weight_at_half_sparsity() -> None:
     assert packed.bytes_per_weight == pytest.approx(1.0 + 0.125 + 8 / 2048, abs=0.01)
 
 
-def test_pack_rejects_bad_input() -> None:
+def test_nearly_dense_weight_is_stored_without_bitmaps() -> None:
+    """From 15/16 kept entries on, runs hold every row's value, zeros included."""
+    gen = torch.Generator().manual_seed(5)
+    for zeros, bitmaps in ((0.0, False), (0.05, False), (0.1, True)):
+        weight = torch.randn(200, 96, generator=gen)
+        weight *= torch.rand(200, 96, generator=gen) >= zeros
+        packed = pack_cpu_weight(weight.half(), panel_rows=128)
+        assert packed.bitmaps == bitmaps, zeros
+        assert torch.equal(unpack_cpu_weight(packed), weight.half())
+    # bitmap-free: 2 bytes per row, rows padded to whole 64-row blocks, plus the offsets
+    dense = pack_cpu_weight(torch.randn(1024, 2048))
+    assert not dense.bitmaps
+    assert dense.bytes_per_weight == pytest.approx(2 + 8 / 2048, abs=0.01)
+
+
+@pytest.mark.parametrize("weight_sparsity", [0.0, 0.5])
+def test_pack_rejects_bad_input(weight_sparsity: float) -> None:
     with pytest.raises(ValueError, match="2-D float"):
         pack_cpu_weight(torch.ones(4, dtype=torch.float32))
     with pytest.raises(ValueError, match="multiple of 64"):
         pack_cpu_weight(torch.ones(4, 4), panel_rows=100)
-    packed = pack_cpu_weight(torch.ones(200, 4), panel_rows=64)
+    packed = pack_cpu_weight(masked_weight(200, 4, weight_sparsity, seed=6), panel_rows=64)
     offsets = packed.offsets.clone()
     offsets[5] += 1  # panel 1, channel 1
-    corrupt = CpuSparseWeight(packed.data, offsets, 200, 4, 64, packed.value_dtype)
     with pytest.raises(ValueError, match="disagree"):
-        unpack_cpu_weight(corrupt)
+        unpack_cpu_weight(dataclasses.replace(packed, offsets=offsets))
 
 
 # ---------------------------------------------------------------- kernel vs reference
@@ -153,6 +170,7 @@ def test_matches_reference(name: str, weight_sparsity: float, isa: str, kernel_c
         pytest.skip(f"this CPU has no {isa}")
     torch.ops.duogpt.cpu_kernel_config(ISAS[isa], -1)
     packed, weight = packed_case(name, weight_sparsity)
+    assert packed.bitmaps == (weight_sparsity > 0)
     n, k = SHAPES[name]
     gen = torch.Generator().manual_seed(3)
     for tokens in TOKENS:
@@ -227,10 +245,11 @@ def test_threads_under_inference_mode(crossover: int, kernel_config) -> None:
 
 
 @needs_kernel
-def test_inactive_channels_are_never_read() -> None:
+@pytest.mark.parametrize("weight_sparsity", [0.0, 0.5])
+def test_inactive_channels_are_never_read(weight_sparsity: float) -> None:
     """Poison the runs of channels whose activation is zero: the output must not notice."""
     n, k = 300, 64
-    weight = masked_weight(n, k, 0.5, seed=4).half()
+    weight = masked_weight(n, k, weight_sparsity, seed=4).half()
     packed = pack_cpu_weight(weight, panel_rows=128)  # 3 panels
     x = torch.randn(2, k)
     x[:, ::2] = 0.0  # even channels inactive for both tokens
@@ -240,7 +259,7 @@ def test_inactive_channels_are_never_read() -> None:
         for channel in range(0, k, 2):
             run = panel * k + channel
             data[packed.offsets[run] : packed.offsets[run + 1]] = nan_bits
-    poisoned = CpuSparseWeight(data, packed.offsets, n, k, packed.panel_rows, packed.value_dtype)
+    poisoned = dataclasses.replace(packed, data=data)
     ref = dual_sparse_linear_reference(x, weight.float(), 0.0)
     assert scale_free_error(cpu_dual_sparse_linear(x, poisoned, 0.0), ref) <= TOLERANCE
 
@@ -273,7 +292,17 @@ def test_op_traces_under_torch_compile() -> None:
     x = torch.randn(3, 1000)
     bias = torch.randn(256)
     op = torch.ops.duogpt.cpu_dual_sparse_linear.default
-    args = (x, packed.data, packed.offsets, 256, packed.panel_rows, packed.value_kind, 0.5, bias)
+    args = (
+        x,
+        packed.data,
+        packed.offsets,
+        256,
+        packed.panel_rows,
+        packed.value_kind,
+        True,
+        0.5,
+        bias,
+    )
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
     def layer(inp: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
 // Layout recap: output rows are cut into panels of panel_rows; inside a panel every input channel
 // owns one contiguous run of 64-row blocks, [64-bit bitmap (4 uint16 words)][kept 16-bit values
 // in row order], and the channels' runs follow each other. offsets[p * K + k] is the first word of
-// panel p's run for channel k (offsets[n_panel * K] is the end).
+// panel p's run for channel k (offsets[n_panel * K] is the end). A nearly dense weight is stored
+// without bitmaps: each block is then the values of its 64 rows, zeros included.
 //
 // Paths:
 //   decode  (M < prefill_min_tokens(isa)): threshold inside the kernel, union of active channels.
@@ -103,11 +104,14 @@ int64_t prefill_min_tokens(int isa) {
   return isa == kAvx512 ? 128 : 8;
 }
 
+// A run is a block after another; a block is 4 bitmap words and the kept values or, in a layout
+// without bitmaps (nearly dense weights), the values of all its 64 rows.
 struct Layout {
   const uint16_t* data;
   const int64_t* offsets;  // [n_panel * K + 1]
   int64_t N, K, panel_rows, n_panel;
   int kind;
+  bool bitmaps;
 
   const uint16_t* run(int64_t p, int64_t k) const { return data + offsets[p * K + k]; }
   // the run after (p, k): the next channel's, or the next panel's first
@@ -169,6 +173,15 @@ inline int64_t acc_stride(const Layout& L, int64_t p) {
 inline uint64_t load_bitmap(const uint16_t* p) {
   uint64_t w;
   std::memcpy(&w, p, 8);
+  return w;
+}
+
+// The kept rows of the block at p, with p moved to its first value: the block's bitmap, or every
+// row in a layout without bitmaps.
+inline uint64_t take_bitmap(bool bitmaps, const uint16_t*& p) {
+  if (!bitmaps) return ~uint64_t{0};
+  const uint64_t w = load_bitmap(p);
+  p += 4;
   return w;
 }
 
@@ -245,9 +258,8 @@ void decode_pass_scalar(const Layout& L, const ActiveSet& a, int64_t M, const Pa
     const uint16_t* p = L.run(ps.p, a.idx[i]);
     const float* xs = &a.xs[i * M];
     for (int64_t b = 0; b < L.blocks(ps.p); ++b) {
-      uint64_t w = load_bitmap(p);
-      const uint16_t* v = p + 4;
-      for (; w; w &= w - 1) {
+      const uint16_t* v = p;
+      for (uint64_t w = take_bitmap(L.bitmaps, v); w; w &= w - 1) {
         const float wv = to_float(*v++, L.kind);
         const int64_t r = b * kBlockRows + __builtin_ctzll(w);
         for (int64_t m = 0; m < M; ++m) acc[m * stride + r] += wv * xs[m];
@@ -266,9 +278,10 @@ void decompress_scalar(const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
     const uint16_t*& p = at[k];
     float* row = buf + (k - k0) * sl.rows();
     for (int64_t b = 0; b < sl.b1 - sl.b0; ++b) {
-      uint64_t w = load_bitmap(p);
-      const uint16_t* v = p + 4;
-      for (; w; w &= w - 1) row[b * kBlockRows + __builtin_ctzll(w)] = to_float(*v++, L.kind);
+      const uint16_t* v = p;
+      for (uint64_t w = take_bitmap(L.bitmaps, v); w; w &= w - 1) {
+        row[b * kBlockRows + __builtin_ctzll(w)] = to_float(*v++, L.kind);
+      }
       p = v;
     }
   }
@@ -328,11 +341,11 @@ inline __m256 expand8(const uint16_t* v, uint32_t byte) {
 
 // The 64 rows of the block at p as 8 fp32 vectors; returns the next block. Every group's start
 // is an independent popcount of the 64-bit bitmap, so the only serial step between blocks is
-// one load, one popcount and one add.
-template <int KIND>
+// one load, one popcount and one add. BM: the layout has bitmaps (else all rows are stored).
+template <int KIND, bool BM>
 inline const uint16_t* expand_block(const uint16_t* p, __m256 w[8]) {
-  const uint64_t bits = load_bitmap(p);
-  const uint16_t* v = p + 4;
+  const uint16_t* v = p;
+  const uint64_t bits = take_bitmap(BM, v);
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) {
     const uint64_t below = j == 0 ? 0 : _mm_popcnt_u64(bits & ((uint64_t{1} << (8 * j)) - 1));
@@ -344,7 +357,7 @@ inline const uint16_t* expand_block(const uint16_t* p, __m256 w[8]) {
 // G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. One token
 // keeps a block's 8 sums in registers across the G channels; more tokens go through memory
 // (16 ymm registers do not hold G expanded blocks).
-template <int KIND, int MT, int G>
+template <int KIND, int MT, int G, bool BM>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                             int64_t i, float* acc, RunPrefetcher& ahead) {
   const int64_t blocks = L.blocks(ps.p), stride = acc_stride(L, ps.p);
@@ -359,7 +372,7 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
       for (int j = 0; j < 8; ++j) s[j] = _mm256_loadu_ps(out + 8 * j);
       for (int g = 0; g < G; ++g) {
         __m256 w[8];
-        p[g] = expand_block<KIND>(p[g], w);
+        p[g] = expand_block<KIND, BM>(p[g], w);
         const __m256 x = _mm256_set1_ps(xs[g]);
         for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(w[j], x, s[j]);
       }
@@ -367,7 +380,7 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
     } else {
       for (int g = 0; g < G; ++g) {
         __m256 w[8];
-        p[g] = expand_block<KIND>(p[g], w);
+        p[g] = expand_block<KIND, BM>(p[g], w);
         for (int64_t m = 0; m < M; ++m) {
           float* o = out + m * stride;
           const __m256 x = _mm256_set1_ps(xs[g * M + m]);
@@ -382,18 +395,18 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
 }
 
 // MT: the token count when known at compile time (1), else 0 and M at run time.
-template <int KIND, int MT>
+template <int KIND, int MT, bool BM>
 void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
   const int64_t M = MT ? MT : M_;
   RunPrefetcher ahead(L, a, ps);
   int64_t i = ps.i0;
   for (; i + kGroup <= ps.i1; i += kGroup) {
-    decode_channels<KIND, MT, kGroup>(L, a, M, ps, i, acc, ahead);
+    decode_channels<KIND, MT, kGroup, BM>(L, a, M, ps, i, acc, ahead);
   }
-  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1>(L, a, M, ps, i, acc, ahead);
+  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
 }
 
-template <int KIND>
+template <int KIND, bool BM>
 void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
                 float* buf) {
   for (int64_t k = k0; k < k1; ++k) {
@@ -401,7 +414,7 @@ void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const 
     float* out = buf + (k - k0) * sl.rows();
     for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
       __m256 w[8];
-      p = expand_block<KIND>(p, w);
+      p = expand_block<KIND, BM>(p, w);
       for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, w[j]);
     }
   }
@@ -437,11 +450,12 @@ inline void expand32(const uint16_t* v, uint32_t bits, __m512& lo, __m512& hi) {
   }
 }
 
-// The 64 rows of the block at p as 4 fp32 vectors (expand32 order); returns the next block.
-template <int KIND>
+// The 64 rows of the block at p as 4 fp32 vectors (expand32 order); returns the next block. BM:
+// the layout has bitmaps (else all rows are stored, and the expands keep every value).
+template <int KIND, bool BM>
 inline const uint16_t* expand_block(const uint16_t* p, __m512 w[4]) {
-  const uint64_t bits = load_bitmap(p);
-  const uint16_t* v = p + 4;
+  const uint16_t* v = p;
+  const uint64_t bits = take_bitmap(BM, v);
   const uint32_t low = static_cast<uint32_t>(bits);
   expand32<KIND>(v, low, w[0], w[1]);
   expand32<KIND>(v + _mm_popcnt_u32(low), static_cast<uint32_t>(bits >> 32), w[2], w[3]);
@@ -464,7 +478,7 @@ inline void natural_order(float* acc) {
 
 // G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. The
 // expanded blocks of the G channels stay in registers while every token uses them.
-template <int KIND, int MT, int G>
+template <int KIND, int MT, int G, bool BM>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                             int64_t i, float* acc, RunPrefetcher& ahead) {
   const int64_t blocks = L.blocks(ps.p), stride = acc_stride(L, ps.p);
@@ -479,14 +493,14 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
       for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
       for (int g = 0; g < G; ++g) {
         __m512 w[4];
-        p[g] = expand_block<KIND>(p[g], w);
+        p[g] = expand_block<KIND, BM>(p[g], w);
         const __m512 x = _mm512_set1_ps(xs[g]);
         for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[q], x, s[q]);
       }
       for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
     } else {
       __m512 w[G][4];
-      for (int g = 0; g < G; ++g) p[g] = expand_block<KIND>(p[g], w[g]);
+      for (int g = 0; g < G; ++g) p[g] = expand_block<KIND, BM>(p[g], w[g]);
       for (int64_t m = 0; m < M; ++m, out += stride) {
         __m512 s[4];
         for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
@@ -502,22 +516,22 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
 }
 
 // MT: the token count when known at compile time (1), else 0 and M at run time.
-template <int KIND, int MT>
+template <int KIND, int MT, bool BM>
 void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
   const int64_t M = MT ? MT : M_;
   RunPrefetcher ahead(L, a, ps);
   int64_t i = ps.i0;
   for (; i + kGroup <= ps.i1; i += kGroup) {
-    decode_channels<KIND, MT, kGroup>(L, a, M, ps, i, acc, ahead);
+    decode_channels<KIND, MT, kGroup, BM>(L, a, M, ps, i, acc, ahead);
   }
-  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1>(L, a, M, ps, i, acc, ahead);
+  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
   const int64_t stride = acc_stride(L, ps.p), rows = L.blocks(ps.p) * kBlockRows;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t r = 0; r < rows; r += 32) natural_order<KIND>(acc + m * stride + r);
   }
 }
 
-template <int KIND>
+template <int KIND, bool BM>
 void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
                 float* buf) {
   for (int64_t k = k0; k < k1; ++k) {
@@ -525,7 +539,7 @@ void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const 
     float* out = buf + (k - k0) * sl.rows();
     for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
       __m512 w[4];
-      p = expand_block<KIND>(p, w);
+      p = expand_block<KIND, BM>(p, w);
       for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, w[q]);
       natural_order<KIND>(out);
       natural_order<KIND>(out + 32);
@@ -541,26 +555,36 @@ namespace duogpt_cpu {
 
 // ---------------------------------------------------------------- dispatch
 
+using DecodeFn = void (*)(const Layout&, const ActiveSet&, int64_t, const Pass&, float*);
+using DecompressFn = void (*)(const Layout&, const Slice&, int64_t, int64_t, const uint16_t**,
+                              float*);
+
+#ifdef DUOGPT_X86
+// Each ISA's instantiations, indexed [value kind][has bitmaps][one token].
+const DecodeFn kAvx512Decode[2][2][2] = {
+    {{avx512::decode_pass<kBF16, 0, false>, avx512::decode_pass<kBF16, 1, false>},
+     {avx512::decode_pass<kBF16, 0, true>, avx512::decode_pass<kBF16, 1, true>}},
+    {{avx512::decode_pass<kFP16, 0, false>, avx512::decode_pass<kFP16, 1, false>},
+     {avx512::decode_pass<kFP16, 0, true>, avx512::decode_pass<kFP16, 1, true>}}};
+const DecodeFn kAvx2Decode[2][2][2] = {
+    {{avx2::decode_pass<kBF16, 0, false>, avx2::decode_pass<kBF16, 1, false>},
+     {avx2::decode_pass<kBF16, 0, true>, avx2::decode_pass<kBF16, 1, true>}},
+    {{avx2::decode_pass<kFP16, 0, false>, avx2::decode_pass<kFP16, 1, false>},
+     {avx2::decode_pass<kFP16, 0, true>, avx2::decode_pass<kFP16, 1, true>}}};
+// [value kind][has bitmaps]
+const DecompressFn kAvx512Decompress[2][2] = {
+    {avx512::decompress<kBF16, false>, avx512::decompress<kBF16, true>},
+    {avx512::decompress<kFP16, false>, avx512::decompress<kFP16, true>}};
+const DecompressFn kAvx2Decompress[2][2] = {
+    {avx2::decompress<kBF16, false>, avx2::decompress<kBF16, true>},
+    {avx2::decompress<kFP16, false>, avx2::decompress<kFP16, true>}};
+#endif
+
 void decode_pass(int isa, const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                  float* acc) {
 #ifdef DUOGPT_X86
-  const bool bf = L.kind == kBF16;
-  if (isa == kAvx512) {
-    if (M == 1) {
-      return bf ? avx512::decode_pass<kBF16, 1>(L, a, M, ps, acc)
-                : avx512::decode_pass<kFP16, 1>(L, a, M, ps, acc);
-    }
-    return bf ? avx512::decode_pass<kBF16, 0>(L, a, M, ps, acc)
-              : avx512::decode_pass<kFP16, 0>(L, a, M, ps, acc);
-  }
-  if (isa == kAvx2) {
-    if (M == 1) {
-      return bf ? avx2::decode_pass<kBF16, 1>(L, a, M, ps, acc)
-                : avx2::decode_pass<kFP16, 1>(L, a, M, ps, acc);
-    }
-    return bf ? avx2::decode_pass<kBF16, 0>(L, a, M, ps, acc)
-              : avx2::decode_pass<kFP16, 0>(L, a, M, ps, acc);
-  }
+  if (isa == kAvx512) return kAvx512Decode[L.kind][L.bitmaps][M == 1](L, a, M, ps, acc);
+  if (isa == kAvx2) return kAvx2Decode[L.kind][L.bitmaps][M == 1](L, a, M, ps, acc);
 #endif
   decode_pass_scalar(L, a, M, ps, acc);
 }
@@ -568,15 +592,8 @@ void decode_pass(int isa, const Layout& L, const ActiveSet& a, int64_t M, const 
 void decompress(int isa, const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
                 const uint16_t** at, float* buf) {
 #ifdef DUOGPT_X86
-  const bool bf = L.kind == kBF16;
-  if (isa == kAvx512) {
-    return bf ? avx512::decompress<kBF16>(L, sl, k0, k1, at, buf)
-              : avx512::decompress<kFP16>(L, sl, k0, k1, at, buf);
-  }
-  if (isa == kAvx2) {
-    return bf ? avx2::decompress<kBF16>(L, sl, k0, k1, at, buf)
-              : avx2::decompress<kFP16>(L, sl, k0, k1, at, buf);
-  }
+  if (isa == kAvx512) return kAvx512Decompress[L.kind][L.bitmaps](L, sl, k0, k1, at, buf);
+  if (isa == kAvx2) return kAvx2Decompress[L.kind][L.bitmaps](L, sl, k0, k1, at, buf);
 #endif
   decompress_scalar(L, sl, k0, k1, at, buf);
 }
@@ -677,12 +694,13 @@ const float* checked_bias(const std::optional<at::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
-// x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K + 1] int64; bias: [N] fp32 or None
+// x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K + 1] int64; bitmaps: whether blocks
+// carry bitmaps (else every row is stored); bias: [N] fp32 or None
 // out: [M, N] fp32
 at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
                                   const at::Tensor& offsets, int64_t out_features,
-                                  int64_t panel_rows, int64_t value_kind, double threshold,
-                                  const std::optional<at::Tensor>& bias) {
+                                  int64_t panel_rows, int64_t value_kind, bool bitmaps,
+                                  double threshold, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous [M, K] float32 tensor, got ", x.sizes(), " ", x.dtype());
   TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kShort && data.is_contiguous(),
@@ -703,7 +721,8 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
                  K,
                  panel_rows,
                  n_panel,
-                 static_cast<int>(value_kind)};
+                 static_cast<int>(value_kind),
+                 bitmaps};
   const int isa = active_isa();
   const float tau = static_cast<float>(threshold);
 
@@ -903,7 +922,7 @@ std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_) {
 TORCH_LIBRARY_FRAGMENT(duogpt, m) {
   m.def(
       "cpu_dual_sparse_linear(Tensor x, Tensor data, Tensor offsets, int out_features, "
-      "int panel_rows, int value_kind, float threshold, Tensor? bias) -> Tensor");
+      "int panel_rows, int value_kind, bool bitmaps, float threshold, Tensor? bias) -> Tensor");
   m.def("cpu_dense16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens) -> str",
         &duogpt_cpu::cpu_kernel_config);
