@@ -47,9 +47,12 @@ def _advised_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
     start = -base % HUGE_PAGE_BYTES
     advised = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    mapping.madvise(mmap.MADV_HUGEPAGE, start, advised)
-    # the partial last huge page stays on 4 KiB pages, even where the system default is huge
-    mapping.madvise(mmap.MADV_NOHUGEPAGE, start + advised)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, advised)
+        # the partial last huge page stays on 4 KiB pages, even where the system default is huge
+        mapping.madvise(mmap.MADV_NOHUGEPAGE, start + advised)
+    except OSError:  # a kernel built without transparent huge pages: ordinary memory then
+        pass
     return mapping, start
 
 

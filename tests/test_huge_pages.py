@@ -8,6 +8,7 @@ page mode does not allow the check; the value checks run everywhere.
 from __future__ import annotations
 
 import gc
+import mmap
 import re
 from pathlib import Path
 
@@ -115,3 +116,12 @@ def test_packed_weight_is_on_huge_pages_and_multiplies_right() -> None:
     x = torch.randn(2, 1024, generator=gen)
     ref = dual_sparse_linear_reference(x, unpack_cpu_weight(packed).float(), 0.5)
     torch.testing.assert_close(cpu_dual_sparse_linear(x, packed, 0.5), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_refused_advice_leaves_ordinary_memory(monkeypatch) -> None:
+    """A kernel without transparent huge pages refuses the advice (EINVAL): still a buffer."""
+    if not huge_pages_enabled():
+        pytest.skip("huge pages are off here")
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF)  # an advice no kernel knows
+    source = torch.arange(3 * HUGE_PAGE_BYTES, dtype=torch.int32)
+    assert torch.equal(to_huge_pages(source), source)
