@@ -129,7 +129,7 @@ def bench_shape(
         lambda w=w: torch.matmul(x, w.t()) if tokens > 1 else torch.mv(w, x1) for w in fp32
     ]
     bytes_read["dense fp32 torch"] = n * k * 4
-    bf16 = [to_huge_pages(dense.bfloat16()) for _ in range(n_copies(n * k * 2, pool_mib))]
+    bf16 = [to_huge_pages(dense, torch.bfloat16) for _ in range(n_copies(n * k * 2, pool_mib))]
     kernels["dense bf16 torch"] = [lambda w=w: torch.matmul(xb, w.t()) for w in bf16]
     bytes_read["dense bf16 torch"] = n * k * 2
     if tokens > 1 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):

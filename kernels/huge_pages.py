@@ -100,7 +100,8 @@ def huge_page_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(mapping, dtype=dtype, count=numel, offset=offset)
 
 
-def to_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``tensor`` in a ``huge_page_empty`` buffer, same shape and dtype."""
-    out = huge_page_empty(tensor.numel(), tensor.dtype).view(tensor.shape)
+def to_huge_pages(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous copy of ``tensor`` in a ``huge_page_empty`` buffer, same shape, in ``dtype``
+    (default its own): converted while copied, without a temporary of the converted tensor."""
+    out = huge_page_empty(tensor.numel(), dtype or tensor.dtype).view(tensor.shape)
     return out.copy_(tensor)

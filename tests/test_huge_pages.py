@@ -66,6 +66,8 @@ def test_copy_keeps_values_shape_and_dtype(numel: int, dtype: torch.dtype) -> No
     assert torch.equal(copy, source)
     assert copy.data_ptr() != source.data_ptr()
     assert copy.untyped_storage().nbytes() == source.untyped_storage().nbytes()  # no slack held
+    converted = to_huge_pages(source, torch.float64)
+    assert converted.dtype == torch.float64 and torch.equal(converted, source.double())
 
 
 @needs_thp

@@ -61,7 +61,7 @@ class DuoGPTHeadMethod(UnquantizedEmbeddingMethod):
             and isinstance(choose_kernel(weight.device, weight.dtype), CpuSparseKernel)
         ):
             # exact: the fp32 values were widened from these 16-bit ones at load time
-            layer.weight = Parameter(to_huge_pages(weight.data.to(stored)), requires_grad=False)
+            layer.weight = Parameter(to_huge_pages(weight.data, stored), requires_grad=False)
             layer.duogpt_head16 = True
             logger.info("duogpt: %s kept in %s (16-bit CPU product)", self.prefix, stored)
             return

@@ -136,7 +136,7 @@ def decoder_linear_time(
     else:
         for linear in linears.values():
             # on huge pages like the packed weights: the ratio compares kernels, not page sizes
-            weight = to_huge_pages(linear.weight.detach().to(torch.float32))
+            weight = to_huge_pages(linear.weight.detach(), torch.float32)
             calls.append(lambda x, weight=weight: torch.nn.functional.linear(x, weight))
         kernel_name = "torch-fp32-dense"
     del model
