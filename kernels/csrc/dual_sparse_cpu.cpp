@@ -15,8 +15,8 @@
 //           end. Only active channels' bytes are read, and a software prefetcher walks those
 //           bytes 16 KiB ahead of the reads (RunPrefetcher).
 //   prefill (M >= prefill_min_tokens(isa)): one row slice at a time, threads decompress its
-//           channels into an fp32 buffer, then one GEMM (oneDNN through PyTorch, else at::mm)
-//           multiplies all tokens with it: never a dense copy of the layer.
+//           channels into a row-major fp32 tile, then one GEMM (oneDNN through PyTorch, else
+//           at::addmm) multiplies all tokens with it: never a dense copy of the layer.
 // ISA: the file is compiled for the generic target (its cache may be shared across machines);
 // the AVX2 and AVX-512 regions below carry #pragma GCC target and are picked at run time with
 // __builtin_cpu_supports.
@@ -64,7 +64,7 @@ constexpr int64_t kPrefetchAheadBytes = 16 * 1024;
 // the in-cache speed, every 4th block 2048 x 4096 at 50% / 0% 372 vs 442 us, one thread.
 constexpr int64_t kReportBlocks = 4;
 static_assert((kReportBlocks & (kReportBlocks - 1)) == 0, "tested with a mask: a power of two");
-// Prefill multiplies slices of this many rows (all K channels decompressed: K x 256 fp32, 2 MiB
+// Prefill multiplies slices of this many rows (all K channels decompressed: 256 x K fp32, 2 MiB
 // at K = 2048), and threads decompress at least kPrefillChannelGrain channels each.
 constexpr int64_t kPrefillSliceRows = 256;
 constexpr int64_t kPrefillChannelGrain = 64;
@@ -269,21 +269,37 @@ void decode_pass_scalar(const Layout& L, const ActiveSet& a, int64_t M, const Pa
   }
 }
 
-// buf[(k - k0) * sl.rows() + r] = W[first row of sl + r, k] for k in [k0, k1). at[k] points at
-// block sl.b0 of channel k's run in panel sl.p and is left at block sl.b1.
+// The prefill tile is row-major, tile[r * K + k] = W[first row of sl + r, k]: oneDNN multiplies a
+// [rows, K] weight as fast as a dense layer's, while the channel-major [K, rows] tile of earlier
+// versions cost about 14% more GEMM time at 512 tokens. decompress writes its columns [k0, k1);
+// at[k] points at block sl.b0 of channel k's run in panel sl.p and is left at block sl.b1.
 void decompress_scalar(const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
-                       const uint16_t** at, float* buf) {
-  std::fill(buf, buf + (k1 - k0) * sl.rows(), 0.f);
+                       const uint16_t** at, float* tile) {
+  for (int64_t r = 0; r < sl.rows(); ++r) std::fill(tile + r * L.K + k0, tile + r * L.K + k1, 0.f);
   for (int64_t k = k0; k < k1; ++k) {
     const uint16_t*& p = at[k];
-    float* row = buf + (k - k0) * sl.rows();
     for (int64_t b = 0; b < sl.b1 - sl.b0; ++b) {
       const uint16_t* v = p;
       for (uint64_t w = take_bitmap(L.bitmaps, v); w; w &= w - 1) {
-        row[b * kBlockRows + __builtin_ctzll(w)] = to_float(*v++, L.kind);
+        tile[(b * kBlockRows + __builtin_ctzll(w)) * L.K + k] = to_float(*v++, L.kind);
       }
       p = v;
     }
+  }
+}
+
+// Channels the vector decompressors stage at a time. Each tile row then receives 128 contiguous
+// floats per visit: 16 (one 64-byte line) per visit wrote a 256 x 2048 tile at 8-11 GB/s, 128 at
+// 104 GB/s (the rows are 8 KiB apart, and a line per row at a time defeats the caches).
+constexpr int kStageChannels = 128;
+
+// Channels [full, n) of a staged block (block[c][r], row order), rows [r0, r0 + nrows), to the
+// row-major tile at `out` (row 0, first channel; rows ld floats apart): the channels after the
+// last whole vector group.
+inline void copy_tail_channels(const float (*block)[kBlockRows], int full, int n, int64_t r0,
+                               int nrows, float* out, int64_t ld) {
+  for (int i = 0; i < nrows; ++i) {
+    for (int c = full; c < n; ++c) out[(r0 + i) * ld + c] = block[c][r0 + i];
   }
 }
 
@@ -406,16 +422,60 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
   for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
 }
 
+// Transposes 8 channels x 8 rows (in[c] holds rows r..r+7 of channel c) into 8 tile rows of 8
+// channels each, stored one row every ld floats from `out`.
+inline void store_transposed8(const __m256 in[8], float* out, int64_t ld) {
+  __m256 a[8], b[8];
+  for (int i = 0; i < 4; ++i) {
+    a[2 * i] = _mm256_unpacklo_ps(in[2 * i], in[2 * i + 1]);
+    a[2 * i + 1] = _mm256_unpackhi_ps(in[2 * i], in[2 * i + 1]);
+  }
+  // b[4 * i + m], lane l: row 4 * l + m of channels 4i..4i+3
+  for (int i = 0; i < 2; ++i) {
+    b[4 * i] = _mm256_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
+    b[4 * i + 1] = _mm256_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
+    b[4 * i + 2] = _mm256_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
+    b[4 * i + 3] = _mm256_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(out + m * ld, _mm256_permute2f128_ps(b[m], b[4 + m], 0x20));
+    _mm256_storeu_ps(out + (m + 4) * ld, _mm256_permute2f128_ps(b[m], b[4 + m], 0x31));
+  }
+}
+
+// kStageChannels channels at a time: each block's channels are expanded into `block` and
+// transposed in registers, 8 x 8 at a time, into `stage`, whose rows go to the tile; each
+// channel's next block is prefetched (see the AVX-512 decompress).
 template <int KIND, bool BM>
 void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
-                float* buf) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const uint16_t*& p = at[k];
-    float* out = buf + (k - k0) * sl.rows();
-    for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
-      __m256 w[8];
-      p = expand_block<KIND, BM>(p, w);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, w[j]);
+                float* tile) {
+  alignas(32) float block[kStageChannels][kBlockRows];
+  alignas(32) float stage[8 * kStageChannels];
+  for (int64_t kg = k0; kg < k1; kg += kStageChannels) {
+    const int n = static_cast<int>(std::min<int64_t>(kStageChannels, k1 - kg));
+    const int full = n / 8 * 8;
+    for (int64_t b = sl.b0; b < sl.b1; ++b) {
+      for (int c = 0; c < n; ++c) {
+        __m256 w[8];
+        at[kg + c] = expand_block<KIND, BM>(at[kg + c], w);
+        __builtin_prefetch(at[kg + c] + 64);
+        for (int j = 0; j < 8; ++j) _mm256_store_ps(block[c] + 8 * j, w[j]);
+      }
+      float* out = tile + (b - sl.b0) * kBlockRows * L.K + kg;
+      for (int j = 0; j < 8; ++j) {
+        for (int s = 0; s < full; s += 8) {
+          __m256 in[8];
+          for (int c = 0; c < 8; ++c) in[c] = _mm256_load_ps(block[s + c] + 8 * j);
+          store_transposed8(in, stage + s, kStageChannels);
+        }
+        for (int i = 0; i < 8; ++i) {
+          float* row = out + (8 * j + i) * L.K;
+          for (int c = 0; c < full; c += 8) {
+            _mm256_storeu_ps(row + c, _mm256_load_ps(stage + i * kStageChannels + c));
+          }
+        }
+        copy_tail_channels(block, full, n, 8 * j, 8, out, L.K);
+      }
     }
   }
 }
@@ -531,18 +591,69 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
   }
 }
 
+// Transposes 16 channels x 16 rows (in[c] holds rows r..r+15 of channel c) into 16 tile rows of
+// 16 channels each, stored one row every ld floats from `out`.
+inline void store_transposed16(const __m512 in[16], float* out, int64_t ld) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_ps(in[2 * i], in[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_ps(in[2 * i], in[2 * i + 1]);
+  }
+  // b[4 * i + m], 128-bit lane l: row 4 * l + m of channels 4i..4i+3
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0x44);
+    b[4 * i + 1] = _mm512_shuffle_ps(a[4 * i], a[4 * i + 2], 0xEE);
+    b[4 * i + 2] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0x44);
+    b[4 * i + 3] = _mm512_shuffle_ps(a[4 * i + 1], a[4 * i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 s0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0x44);
+    const __m512 s1 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0xEE);
+    const __m512 s2 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0x44);
+    const __m512 s3 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0xEE);
+    _mm512_storeu_ps(out + m * ld, _mm512_shuffle_f32x4(s0, s2, 0x88));
+    _mm512_storeu_ps(out + (4 + m) * ld, _mm512_shuffle_f32x4(s0, s2, 0xDD));
+    _mm512_storeu_ps(out + (8 + m) * ld, _mm512_shuffle_f32x4(s1, s3, 0x88));
+    _mm512_storeu_ps(out + (12 + m) * ld, _mm512_shuffle_f32x4(s1, s3, 0xDD));
+  }
+}
+
+// kStageChannels channels at a time: each block's channels are expanded into `block`, put in row
+// order, and transposed in registers, 16 x 16 at a time, into `stage`, whose rows go to the tile.
+// A channel's next block is read only after the other 127 channels' blocks: it is prefetched
+// (without that, decompressing 6144 x 2048 took 6.1 instead of 3.3 ms, one thread).
 template <int KIND, bool BM>
 void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
-                float* buf) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const uint16_t*& p = at[k];
-    float* out = buf + (k - k0) * sl.rows();
-    for (int64_t b = sl.b0; b < sl.b1; ++b, out += kBlockRows) {
-      __m512 w[4];
-      p = expand_block<KIND, BM>(p, w);
-      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, w[q]);
-      natural_order<KIND>(out);
-      natural_order<KIND>(out + 32);
+                float* tile) {
+  alignas(64) float block[kStageChannels][kBlockRows];
+  alignas(64) float stage[16 * kStageChannels];
+  for (int64_t kg = k0; kg < k1; kg += kStageChannels) {
+    const int n = static_cast<int>(std::min<int64_t>(kStageChannels, k1 - kg));
+    const int full = n / 16 * 16;
+    for (int64_t b = sl.b0; b < sl.b1; ++b) {
+      for (int c = 0; c < n; ++c) {
+        __m512 w[4];
+        at[kg + c] = expand_block<KIND, BM>(at[kg + c], w);
+        __builtin_prefetch(at[kg + c] + 64);
+        for (int q = 0; q < 4; ++q) _mm512_store_ps(block[c] + 16 * q, w[q]);
+        natural_order<KIND>(block[c]);
+        natural_order<KIND>(block[c] + 32);
+      }
+      float* out = tile + (b - sl.b0) * kBlockRows * L.K + kg;
+      for (int q = 0; q < 4; ++q) {
+        for (int s = 0; s < full; s += 16) {
+          __m512 in[16];
+          for (int c = 0; c < 16; ++c) in[c] = _mm512_load_ps(block[s + c] + 16 * q);
+          store_transposed16(in, stage + s, kStageChannels);
+        }
+        for (int i = 0; i < 16; ++i) {
+          float* row = out + (16 * q + i) * L.K;
+          for (int c = 0; c < full; c += 16) {
+            _mm512_storeu_ps(row + c, _mm512_load_ps(stage + i * kStageChannels + c));
+          }
+        }
+        copy_tail_channels(block, full, n, 16 * q, 16, out, L.K);
+      }
     }
   }
 }
@@ -590,12 +701,12 @@ void decode_pass(int isa, const Layout& L, const ActiveSet& a, int64_t M, const 
 }
 
 void decompress(int isa, const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
-                const uint16_t** at, float* buf) {
+                const uint16_t** at, float* tile) {
 #ifdef DUOGPT_X86
-  if (isa == kAvx512) return kAvx512Decompress[L.kind][L.bitmaps](L, sl, k0, k1, at, buf);
-  if (isa == kAvx2) return kAvx2Decompress[L.kind][L.bitmaps](L, sl, k0, k1, at, buf);
+  if (isa == kAvx512) return kAvx512Decompress[L.kind][L.bitmaps](L, sl, k0, k1, at, tile);
+  if (isa == kAvx2) return kAvx2Decompress[L.kind][L.bitmaps](L, sl, k0, k1, at, tile);
 #endif
-  decompress_scalar(L, sl, k0, k1, at, buf);
+  decompress_scalar(L, sl, k0, k1, at, tile);
 }
 
 // Few tokens. Splitting the active channels (not the rows) between threads keeps every read a
@@ -643,43 +754,48 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
   });
 }
 
-// The product of many tokens with one decompressed tile, [M, K] x [K, R] -> [M, R]: oneDNN's
-// matmul (PyTorch's mkldnn::_linear_pointwise) where this PyTorch has it, else at::mm (MKL, whose
-// GEMMs run slower code on AMD CPUs: 512 tokens x 6144 x 2048 in fp32, one thread, 54 vs 120 ms
-// in results/cpu_kernels_prefill.txt).
-at::Tensor tile_product(const at::Tensor& xs, const at::Tensor& tile) {
+// The product of many tokens with one decompressed row-major tile, plus its rows' bias:
+// [M, K] x [R, K]^T + bias -> [M, R]. oneDNN's matmul (PyTorch's mkldnn::_linear_pointwise) where
+// this PyTorch has it, else at::addmm (MKL, whose GEMMs run slower code on AMD CPUs: 512 tokens x
+// 6144 x 2048 in fp32, one thread, 54 vs 120 ms in results/cpu_kernels_prefill.txt).
+at::Tensor tile_product(const at::Tensor& xs, const at::Tensor& tile,
+                        const std::optional<at::Tensor>& bias) {
   static const std::optional<c10::OperatorHandle> onednn =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!onednn) return at::mm(xs, tile);
+  if (!onednn) return bias ? at::addmm(*bias, xs, tile.t()) : at::mm(xs, tile.t());
   static const auto linear =
       onednn->typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                const std::optional<at::Tensor>&, c10::string_view,
                                c10::List<std::optional<at::Scalar>>,
                                std::optional<c10::string_view>)>();
-  return linear.call(xs, tile.t(), std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+  return linear.call(xs, tile, bias, "none", c10::List<std::optional<at::Scalar>>(),
                      std::nullopt);
 }
 
 // Many tokens: the union of active channels is nearly all of them (method.md section 8), so
 // only weight sparsity helps. A slice of kPrefillSliceRows rows at a time, every channel of it is
-// decompressed into an fp32 buffer (threads split the channels; a cursor per channel walks its
-// run) and multiplied in one GEMM: never a dense copy of the layer.
-void prefill(int isa, const Layout& L, const at::Tensor& xs, const at::Tensor& y) {
+// decompressed into a row-major fp32 tile (threads split the channels; a cursor per channel walks
+// its run) and multiplied in one GEMM whose result fills the slice's outputs: never a dense copy
+// of the layer.
+void prefill(int isa, const Layout& L, const at::Tensor& xs, const std::optional<at::Tensor>& bias,
+             const at::Tensor& y) {
   constexpr int64_t slice_blocks = kPrefillSliceRows / kBlockRows;
-  at::Tensor buf = at::empty({L.K, kPrefillSliceRows}, xs.options());
+  at::Tensor buf = at::empty({kPrefillSliceRows * L.K}, xs.options());
   std::vector<const uint16_t*> cursor(L.K);
   for (int64_t p = 0; p < L.n_panel; ++p) {
     for (int64_t k = 0; k < L.K; ++k) cursor[k] = L.run(p, k);
     for (int64_t b0 = 0; b0 < L.blocks(p); b0 += slice_blocks) {
       const Slice sl{p, b0, std::min(b0 + slice_blocks, L.blocks(p))};
-      float* w = buf.data_ptr<float>();
+      float* tile = buf.data_ptr<float>();
       at::parallel_for(0, L.K, kPrefillChannelGrain, [&](int64_t k0, int64_t k1) {
-        decompress(isa, L, sl, k0, k1, cursor.data(), w + k0 * sl.rows());
+        decompress(isa, L, sl, k0, k1, cursor.data(), tile);
       });
       const int64_t r0 = L.first_row(p) + b0 * kBlockRows;
       const int64_t rows = std::min(sl.rows(), L.N - r0);
-      at::Tensor tile = buf.view(-1).narrow(0, 0, L.K * sl.rows()).view({L.K, sl.rows()});
-      y.narrow(1, r0, rows).add_(tile_product(xs, tile.narrow(1, 0, rows)));
+      const std::optional<at::Tensor> slice_bias =
+          bias ? std::optional<at::Tensor>(bias->narrow(0, r0, rows)) : std::nullopt;
+      y.narrow(1, r0, rows)
+          .copy_(tile_product(xs, buf.narrow(0, 0, rows * L.K).view({rows, L.K}), slice_bias));
     }
   }
 }
@@ -727,10 +843,13 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
   const float tau = static_cast<float>(threshold);
 
   if (M >= prefill_min_tokens(isa)) {
+    if (M == 0 || K == 0 || N == 0) {
+      return bias_ptr ? bias->unsqueeze(0).expand({M, N}).contiguous()
+                      : at::zeros({M, N}, x.options());
+    }
     at::Tensor xs = at::where(x.abs() < tau, at::zeros({}, x.options()), x);
-    at::Tensor y = bias_ptr ? bias->unsqueeze(0).expand({M, N}).contiguous()
-                            : at::zeros({M, N}, x.options());
-    if (K > 0 && N > 0) prefill(isa, L, xs, y);
+    at::Tensor y = at::empty({M, N}, x.options());
+    prefill(isa, L, xs, bias, y);
     return y;
   }
   at::Tensor y = at::empty({M, N}, x.options());
