@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="calibration window length")
     p.add_argument("--weight-sparsity", type=float, default=0.3, help="default 0.3")
-    p.add_argument("--act-sparsity", type=float, default=0.5, help="default 0.5")
+    p.add_argument("--act-sparsity", type=float, default=0.3, help="default 0.3")
     p.set_defaults(func=_run_demo)
     return parser
 
