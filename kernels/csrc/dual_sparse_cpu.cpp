@@ -96,9 +96,9 @@ int active_isa() {
 // Token count from which decompress + GEMM beats the decode path. Measured at 6144 x 2048 and
 // 2048 x 5632, 50% / 50% (AMD EPYC with AVX-512, oneDNN GEMMs, row-major prefill tiles): the
 // AVX-512 decode shares each expanded block between tokens; on one thread it wins or ties at 64
-// tokens (7.7 and 11.3 ms vs 10.8 and 11.3), splits at 96 (11.7 vs 14.7, 17.4 vs 15.2) and loses at 128
-// (23.5-23.7 vs 18.4-19.0); on two threads it loses from 64 tokens on (6.0-6.5 vs 5.4-5.7). The
-// AVX2 decode wins at 4 tokens (2.0 vs 2.8 ms) and loses at 8 (4.6 vs 3.4 ms).
+// tokens (7.7 and 11.3 ms vs 10.8 and 11.3), splits at 96 (11.7 vs 14.7, 17.4 vs 15.2) and
+// loses at 128 (23.5-23.7 vs 18.4-19.0); on two threads it loses from 64 tokens on (6.0-6.5 vs
+// 5.4-5.7). The AVX2 decode wins at 4 tokens (2.0 vs 2.8 ms) and loses at 8 (4.6 vs 3.4 ms).
 int64_t prefill_min_tokens(int isa) {
   const int64_t forced = g_prefill_min_tokens.load();
   if (forced >= 0) return forced;
