@@ -265,7 +265,11 @@ def test_inactive_channels_are_never_read(weight_sparsity: float) -> None:
 
 
 @needs_kernel
-def test_nan_activation_reaches_the_rows_that_keep_its_channel() -> None:
+@pytest.mark.parametrize("crossover", [10**9, 0], ids=["decode", "prefill"])
+def test_nan_activation_reaches_the_rows_that_keep_its_channel(
+    crossover: int, kernel_config
+) -> None:
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover)
     packed, weight = packed_case("100x257", 0.5)
     x = torch.randn(1, 257)
     x[0, 5] = float("nan")

@@ -801,6 +801,18 @@ void prefill(int isa, const Layout& L, const at::Tensor& xs, const std::optional
   }
 }
 
+// x with |x| < tau set to zero (NaN kept, as in the reference), for the prefill GEMM. A loop:
+// at::where(x.abs() < tau, 0, x) took 23 ms for 512 x 5632 on one thread, a third of the product.
+at::Tensor thresholded(const at::Tensor& x, float tau) {
+  at::Tensor xs = at::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = xs.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = std::fabs(src[i]) < tau ? 0.f : src[i];
+  });
+  return xs;
+}
+
 // The bias of an op with N outputs: nullptr when there is none, else its data after checking
 // that it is a contiguous float32 [N].
 const float* checked_bias(const std::optional<at::Tensor>& bias, int64_t N) {
@@ -848,7 +860,7 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
       return bias_ptr ? bias->unsqueeze(0).expand({M, N}).contiguous()
                       : at::zeros({M, N}, x.options());
     }
-    at::Tensor xs = at::where(x.abs() < tau, at::zeros({}, x.options()), x);
+    at::Tensor xs = thresholded(x, tau);
     at::Tensor y = at::empty({M, N}, x.options());
     prefill(isa, L, xs, bias, y);
     return y;
