@@ -149,7 +149,7 @@ def cpu_dual_sparse_linear(
     """Dual-sparse product ``sparsify(x, threshold) @ W.T + bias`` on the CPU layout.
 
     Computes in float32 (activations are converted when they are not) with the layout's 16-bit
-    weights widened in registers. Up to a token count measured per ISA (127 with AVX-512, 7 with
+    weights widened in registers. Up to a token count measured per ISA (127 with AVX-512, 31 with
     AVX2) only the runs of active channels are read; more tokens decompress 256-row slices of
     the layer, one at a time, into a GEMM (oneDNN's where PyTorch has it).
 

@@ -98,11 +98,14 @@ int active_isa() {
 // AVX-512 decode shares each expanded block between tokens; on one thread it wins or ties at 64
 // tokens (7.7 and 11.3 ms vs 10.8 and 11.3), splits at 96 (11.7 vs 14.7, 17.4 vs 15.2) and
 // loses at 128 (23.5-23.7 vs 18.4-19.0); on two threads it loses from 64 tokens on (6.0-6.5 vs
-// 5.4-5.7). The AVX2 decode wins at 4 tokens (2.0 vs 2.8 ms) and loses at 8 (4.6 vs 3.4 ms).
+// 5.4-5.7). The AVX2 decode, same shapes, wins at 16 tokens (6.5 and 5.9 ms vs 7.9 and 6.4 on
+// one thread, 4.9 vs 6.5 and 5.3 on two) and loses at 32 (17.9 and 11.3 vs 9.3 and 8.5 on one,
+// 9.0-9.1 vs 6.5-8.1 on two): the AVX2 decompress costs about 5-6 ms a product here, so short
+// prefills stay on the decode path.
 int64_t prefill_min_tokens(int isa) {
   const int64_t forced = g_prefill_min_tokens.load();
   if (forced >= 0) return forced;
-  return isa == kAvx512 ? 128 : 8;
+  return isa == kAvx512 ? 128 : 32;
 }
 
 // A run is a block after another; a block is 4 bitmap words and the kept values or, in a layout
