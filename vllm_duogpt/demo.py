@@ -58,15 +58,10 @@ def run_demo(
     prompt: str,
     nsamples: int,
     seqlen: int,
-    weight_sparsity: float = 0.3,
-    act_sparsity: float = 0.3,
+    weight_sparsity: float,
+    act_sparsity: float,
 ) -> int:
-    """Run the demo; returns the process exit code.
-
-    The default W30/X30 answers the demo question correctly when served by vLLM through the CPU
-    kernel (its 16-bit values included); sparser points of this 135M model lose the answer there
-    (README, "The demo").
-    """
+    """Run the demo; returns the process exit code. ``duogpt demo`` holds the default point."""
     from vllm_duogpt.calibrate.config import CalibrationConfig
     from vllm_duogpt.calibrate.models import resolve_model
     from vllm_duogpt.calibrate.pipeline import calibrate
