@@ -1,12 +1,15 @@
 """The memory ceiling of a decode pass that skips runs at random, as one table.
 
-Compiles ``memory_ceiling.c`` (needs a C compiler with OpenMP; ``CC`` or ``cc``) and runs it for
-each chunk size, fraction of chunks read, thread count and page size (4 KiB, or 2 MiB transparent
-huge pages as the CPU layout uses where it can): useful GB/s of a pure read of the chosen chunks,
-in address order, with the CPU kernel's software prefetch (16 KiB ahead). The
-dual-sparse decode kernel cannot beat this for the same pattern: at activation sparsity X, with
-runs of R bytes (2048 rows: about 2.3 KB at 50% weight sparsity, 4.3 KB dense), compare the row
-(R, 1 - X) with the row (R, 1.0).
+For each chunk size, fraction of chunks read, thread count and page size (4 KiB, or 2 MiB
+transparent huge pages as the CPU layout uses where it can), reads that fraction of the chunks of
+a 512 MiB buffer, chosen at random, in address order, split between threads, with the CPU
+kernel's software prefetch and no arithmetic (read_ceiling.RangeReader), and prints the useful
+GB/s (best of 5 passes). At activation sparsity X, with runs of R bytes (2048 rows: about 2.3 KB at
+50% weight sparsity, 4.3 KB dense), compare the row (R, 1 - X) with the row (R, 1.0).
+
+This is a synthetic, sustained read. The ceiling of an actual kernel call (its own runs, read
+in bursts between other calls as a model's layers are) is the ``read-only`` row of
+``cpu_kernels.py``, timed in the same run as the kernel.
 
 Usage::
 
@@ -17,38 +20,49 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import tempfile
-from pathlib import Path
+import time
 
-SOURCE = Path(__file__).with_name("memory_ceiling.c")
+import torch
+from read_ceiling import PREFETCH_AHEAD_BYTES, RangeReader
 
+from vllm_duogpt.kernels.huge_pages import huge_page_empty
 
-def build(out_dir: Path) -> Path:
-    """Compile the C program for this machine; returns the executable."""
-    exe = out_dir / "memory_ceiling"
-    cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-O2", "-march=native", "-fopenmp", str(SOURCE), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr}")
-    return exe
+BUFFER_BYTES = 512 << 20
+PASSES = 5
 
 
-def measure(
-    exe: Path, chunk: int, fraction: float, ahead: int, threads: int, huge_pages: bool
+def chunk_ranges(
+    buffer: torch.Tensor, chunk: int, fraction: float, threads: int, gen: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A random ``fraction`` of the buffer's ``chunk``-byte chunks, in address order, cut into
+    one contiguous share per thread: ``(starts, ends)`` byte addresses per thread."""
+    n_chunks = buffer.numel() // chunk
+    chosen = (torch.rand(n_chunks, generator=gen) < fraction).nonzero().flatten()
+    starts = buffer.data_ptr() + chosen * chunk
+    shares = [len(chosen) * t // threads for t in range(threads + 1)]
+    return [
+        (starts[a:b], starts[a:b] + chunk) for a, b in zip(shares[:-1], shares[1:], strict=True)
+    ]
+
+
+def useful_gbs(
+    reader: RangeReader,
+    buffer: torch.Tensor,
+    chunk: int,
+    fraction: float,
+    threads: int,
 ) -> float:
-    """Useful GB/s of one configuration (best of the program's 5 passes)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        [str(exe), str(chunk), str(fraction), str(ahead), str(int(huge_pages))],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(proc.stdout.strip())
+    """Useful GB/s of one configuration, best of ``PASSES`` passes."""
+    torch.set_num_threads(threads)
+    ranges = chunk_ranges(buffer, chunk, fraction, threads, torch.Generator().manual_seed(1))
+    read = reader.reader(ranges, keep=buffer)
+    useful = sum(len(s) for s, _ in ranges) * chunk
+    best = float("inf")
+    for _ in range(PASSES):
+        start = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - start)
+    return useful / best / 1e9
 
 
 def main() -> None:
@@ -57,7 +71,6 @@ def main() -> None:
     parser.add_argument("--chunks", default="1152,2304,4352,8704,17408", help="bytes, comma list")
     parser.add_argument("--fractions", default="1,0.5", help="fractions of chunks read")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--ahead", type=int, default=16384, help="prefetch distance in bytes")
     parser.add_argument("--pages", default="4k,huge", help="page sizes: 4k, huge or both")
     args = parser.parse_args()
 
@@ -67,21 +80,24 @@ def main() -> None:
     pages = args.pages.split(",")
     if not set(pages) <= {"4k", "huge"}:
         parser.error(f"--pages takes 4k and/or huge, got {args.pages}")
+    if any(not 0 < f <= 1 for f in fractions) or any(c < 64 for c in chunks):
+        parser.error("need chunks of at least 64 bytes and fractions in (0, 1]")
+    reader = RangeReader()
+    buffers = {
+        "4k": torch.ones(BUFFER_BYTES, dtype=torch.uint8),
+        "huge": huge_page_empty(BUFFER_BYTES, torch.uint8).fill_(1),
+    }
     columns = [(t, p) for t in threads for p in pages]
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = build(Path(tmp))
-        header = f"{'chunk B':>8} {'fraction':>8} " + " ".join(
-            f"{f'{t} thr {p}':>11}" for t, p in columns
-        )
-        print(f"prefetch {args.ahead} B ahead; useful GB/s, best of 5 passes")
-        print(header)
-        print("-" * len(header))
-        for chunk in chunks:
-            for fraction in fractions:
-                rates = [
-                    measure(exe, chunk, fraction, args.ahead, t, p == "huge") for t, p in columns
-                ]
-                print(f"{chunk:>8} {fraction:>8.2f} " + " ".join(f"{r:>11.1f}" for r in rates))
+    header = f"{'chunk B':>8} {'fraction':>8} " + " ".join(
+        f"{f'{t} thr {p}':>11}" for t, p in columns
+    )
+    print(f"prefetch {PREFETCH_AHEAD_BYTES} B ahead; useful GB/s, best of {PASSES} passes")
+    print(header)
+    print("-" * len(header))
+    for chunk in chunks:
+        for fraction in fractions:
+            rates = [useful_gbs(reader, buffers[p], chunk, fraction, t) for t, p in columns]
+            print(f"{chunk:>8} {fraction:>8.2f} " + " ".join(f"{r:>11.1f}" for r in rates))
 
 
 if __name__ == "__main__":

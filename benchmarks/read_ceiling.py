@@ -1,0 +1,88 @@
+"""Memory ceilings: how long it takes just to read the bytes a decode call reads.
+
+A batch-1 decode call of the CPU dual-sparse kernel reads the runs of the active channels and
+skips the others (kernels/cpu_layout.py). ``decode_ranges`` lists those runs, split between
+threads as the kernel splits them (``decode()`` in kernels/csrc/dual_sparse_cpu.cpp: the active
+channels cut into one slice per thread, each thread reading its slice panel after panel), and
+``RangeReader`` reads them with the kernel's software prefetch and no arithmetic
+(read_ranges.cpp). No kernel on this layout can beat that time for the same call, on the same
+machine at the same moment: ``cpu_kernels.py`` times it next to the kernel, and
+``memory_ceiling.py`` reads synthetic patterns with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vllm_duogpt.kernels.cpu_kernel import cache_dir
+from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight
+
+SOURCE = Path(__file__).with_name("read_ranges.cpp")
+PREFETCH_AHEAD_BYTES = 16 * 1024  # kPrefetchAheadBytes of the kernel
+MIN_SLICE_CHANNELS = 16  # kMinSliceChannels of the kernel
+
+
+class RangeReader:
+    """Reads byte ranges, one list per thread (builds read_ranges.cpp on first use)."""
+
+    def __init__(self) -> None:
+        from torch.utils import cpp_extension
+
+        build_dir = cache_dir().parent / "duogpt_read_ranges"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        self._module = cpp_extension.load(
+            name="duogpt_read_ranges",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+
+    def reader(
+        self, ranges: list[tuple[torch.Tensor, torch.Tensor]], keep: torch.Tensor
+    ) -> Callable[[], int]:
+        """A call that reads every thread's ranges at once and returns a checksum.
+
+        Args:
+            ranges: per thread, ``(starts, ends)``: int64 byte addresses of its ranges, in the
+                order it reads them; at most ``torch.get_num_threads()`` threads when called.
+            keep: the tensor that holds those bytes: the call keeps it alive.
+        """
+        starts = torch.cat([s for s, _ in ranges])
+        ends = torch.cat([e for _, e in ranges])
+        counts = torch.tensor([len(s) for s, _ in ranges])
+        thread_first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        module = self._module
+        return lambda: (
+            keep.data_ptr() and module.read_ranges(starts, ends, thread_first, PREFETCH_AHEAD_BYTES)
+        )
+
+
+def decode_ranges(
+    packed: CpuSparseWeight, x: torch.Tensor, tau: float, threads: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The runs a batch-1 decode call on ``packed`` reads, per thread, in the kernel's order.
+
+    Args:
+        packed: the weight.
+        x: ``[1, K]`` activations.
+        tau: the threshold (``|x| < tau`` is inactive).
+        threads: the kernel's thread count.
+
+    Returns:
+        Per thread slice, ``(starts, ends)`` byte addresses of its runs.
+    """
+    active = ((x.abs() >= tau) & (x != 0)).any(0).nonzero().flatten()
+    n_slice = min(max(len(active) // MIN_SLICE_CHANNELS, 1), threads)
+    panel_first = torch.arange(packed.n_panels)[:, None] * packed.in_features
+    base, width = packed.data.data_ptr(), packed.data.element_size()
+    ranges = []
+    for s in range(n_slice):
+        channels = active[len(active) * s // n_slice : len(active) * (s + 1) // n_slice]
+        run = (panel_first + channels[None, :]).flatten()
+        ranges.append((base + packed.offsets[run] * width, base + packed.offsets[run + 1] * width))
+    return ranges

@@ -1,0 +1,78 @@
+"""benchmarks/read_ceiling.py: the runs a decode call reads, and a reader that reads them.
+
+Oracles: the runs come from the layout's offsets and the active channels, walked here in plain
+Python in the kernel's order (slice after slice, each slice panel after panel); the reader's
+checksum is the sum of the first 8 bytes of every 64-byte line the ranges touch, computed with
+torch. The reader's extension builds on first use (about 20 s).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from read_ceiling import MIN_SLICE_CHANNELS, RangeReader, decode_ranges
+
+from vllm_duogpt.kernels.cpu_layout import pack_cpu_weight
+
+
+def packed_weight(n: int, k: int, panel_rows: int):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= 0.5)
+    return pack_cpu_weight(weight, panel_rows=panel_rows)
+
+
+def expected_runs(packed, active: list[int], threads: int) -> list[list[tuple[int, int]]]:
+    """Byte ranges per thread, walked from the offsets the way decode() splits the work."""
+    n_slice = min(max(len(active) // MIN_SLICE_CHANNELS, 1), threads)
+    base, offsets, k = packed.data.data_ptr(), packed.offsets.tolist(), packed.in_features
+    out = []
+    for s in range(n_slice):
+        mine = active[len(active) * s // n_slice : len(active) * (s + 1) // n_slice]
+        out.append(
+            [
+                (base + 2 * offsets[p * k + c], base + 2 * offsets[p * k + c + 1])
+                for p in range(packed.n_panels)
+                for c in mine
+            ]
+        )
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_ranges_are_the_active_runs_in_kernel_order(threads: int) -> None:
+    packed = packed_weight(300, 90, panel_rows=128)  # 3 panels
+    x = torch.zeros(1, 90)
+    active = [0, 3, 4, 17, 40, 41, 42, 60, 61, 62, 63, 64, 65, 66, 70, 71, 72, 80, 81, 82, 88, 89]
+    x[0, active] = torch.linspace(1.0, 2.0, len(active))
+    x[0, 5] = 0.2  # below the threshold: inactive
+
+    got = decode_ranges(packed, x, tau=0.5, threads=threads)
+
+    want = expected_runs(packed, active, threads)
+    assert len(got) == len(want) == min(len(active) // MIN_SLICE_CHANNELS, threads)
+    for (starts, ends), runs in zip(got, want, strict=True):
+        assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == runs
+
+
+def test_reader_reads_every_line_of_every_range() -> None:
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(1)
+    buffer = torch.randint(0, 2**40, (4096,), generator=gen, dtype=torch.int64)  # 32 KiB
+    base = buffer.data_ptr()
+    assert base % 64 == 0
+    # byte ranges, not line-aligned; the second thread's first range shares a line with the
+    # first thread's last one
+    per_thread = [[(8, 200), (1000, 1001), (4096, 9000)], [(8990, 9100), (20000, 32768)]]
+
+    ranges = [
+        (torch.tensor([base + a for a, _ in rs]), torch.tensor([base + b for _, b in rs]))
+        for rs in per_thread
+    ]
+    checksum = RangeReader().reader(ranges, keep=buffer)()
+
+    words = buffer.view(-1, 8)[:, 0]  # the first 8 bytes of each 64-byte line
+    want = torch.zeros((), dtype=torch.int64)
+    for rs in per_thread:
+        for a, b in rs:
+            want += words[a // 64 : -(-b // 64)].sum()
+    assert checksum == int(want)
