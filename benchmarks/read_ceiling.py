@@ -5,8 +5,8 @@ skips the others (kernels/cpu_layout.py). ``decode_ranges`` lists those runs, sp
 threads as the kernel splits them (``decode()`` in kernels/csrc/dual_sparse_cpu.cpp: the active
 channels cut into one slice per thread, each thread reading its slice panel after panel), and
 ``RangeReader`` reads them with the kernel's software prefetch and no arithmetic
-(read_ranges.cpp). No kernel on this layout can beat that time for the same call, on the same
-machine at the same moment: ``cpu_kernels.py`` times it next to the kernel, and
+(read_ranges.cpp). A kernel that reads the same bytes and computes too can at best match that
+time, on the same machine at the same moment: ``cpu_kernels.py`` times it next to the kernel, and
 ``memory_ceiling.py`` reads synthetic patterns with it.
 """
 
