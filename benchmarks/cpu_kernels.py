@@ -7,8 +7,9 @@ weight / activation sparsities, and prints time, bytes per second of the bytes e
 read, and speed-ups over dense fp32 and over the best dense 16-bit kernel, all from the same run.
 At batch 1 each sparse configuration also gets a ``read-only`` row: the same call's bytes (the
 active channels' runs, split between threads as the kernel splits them) read with the kernel's
-software prefetch and no arithmetic (read_ceiling.py): the time of the reads alone, which a kernel
-on this layout, reading the same bytes and computing too, can only match (up to run-to-run noise).
+software prefetch and no arithmetic (read_ceiling.py): what fetching those bytes costs on this
+machine in that minute, the yardstick for the kernel row above it (a yardstick, not a strict bound:
+the kernel reads four runs at a time and has come out up to 15% ahead on one shape).
 With several tokens it also times dense fp32 through oneDNN, which vLLM's CPU backend uses for
 dense linears and which runs faster GEMMs than torch's fp32 matmul (MKL) on AMD CPUs.
 
