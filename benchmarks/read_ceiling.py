@@ -85,5 +85,7 @@ def decode_ranges(
     for s in range(n_slice):
         channels = active[len(active) * s // n_slice : len(active) * (s + 1) // n_slice]
         run = (panel_first + channels[None, :]).flatten()
-        ranges.append((base + packed.offsets[run] * width, base + packed.offsets[run + 1] * width))
+        starts = packed.offsets[run * packed.n_segments]
+        ends = packed.offsets[(run + 1) * packed.n_segments]
+        ranges.append((base + starts * width, base + ends * width))
     return ranges

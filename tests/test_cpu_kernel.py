@@ -80,8 +80,9 @@ def threshold_for(x: torch.Tensor, sparsity: float) -> float:
 def packed_case(name: str, sparsity: float) -> tuple[CpuSparseWeight, torch.Tensor]:
     n, k = SHAPES[name]
     weight = masked_weight(n, k, sparsity, seed=n * 7919 + k).to(WEIGHT_CASES[sparsity])
-    # small panels: the larger shapes span several, as real layers do with the default 2048
-    packed = pack_cpu_weight(weight, panel_rows=128)
+    # small panels of two segments: the larger shapes span several, as real layers do with the
+    # default 4096 / 2048 (one token reads whole runs, several tokens a segment at a time)
+    packed = pack_cpu_weight(weight, panel_rows=256, segment_rows=128)
     return packed, unpack_cpu_weight(packed).float()
 
 
@@ -102,14 +103,15 @@ def supported_isas() -> list[str]:
 # ---------------------------------------------------------------- layout
 
 
-@pytest.mark.parametrize("panel_rows", [64, 2048])
+@pytest.mark.parametrize("panel_rows, segment_rows", [(64, 64), (256, 64), (4096, 2048)])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_round_trip_is_exact(name: str, panel_rows: int) -> None:
+def test_round_trip_is_exact(name: str, panel_rows: int, segment_rows: int) -> None:
     n, k = SHAPES[name]
     for dtype in (torch.bfloat16, torch.float16):
         weight = masked_weight(n, k, 0.5, seed=1).to(dtype)
-        packed = pack_cpu_weight(weight, panel_rows=panel_rows)
+        packed = pack_cpu_weight(weight, panel_rows=panel_rows, segment_rows=segment_rows)
         assert packed.value_dtype == dtype
+        assert packed.offsets.numel() == packed.n_panels * k * panel_rows // segment_rows + 1
         assert torch.equal(unpack_cpu_weight(packed), weight)
 
 
@@ -124,7 +126,7 @@ def test_value_dtype_choice() -> None:
 
 
 def test_bytes_per_weight_at_half_sparsity() -> None:
-    weight = masked_weight(1024, 2048, 0.5, seed=2)
+    weight = masked_weight(4096, 1024, 0.5, seed=2)  # one default panel of two segments
     packed = pack_cpu_weight(weight)
     # values 1.0 + bitmap 0.125 + offsets 8/2048 per weight (docstring of cpu_layout)
     assert packed.bytes_per_weight == pytest.approx(1.0 + 0.125 + 8 / 2048, abs=0.01)
@@ -140,7 +142,7 @@ def test_nearly_dense_weight_is_stored_without_bitmaps() -> None:
         assert packed.bitmaps == bitmaps, zeros
         assert torch.equal(unpack_cpu_weight(packed), weight.half())
     # bitmap-free: 2 bytes per row, rows padded to whole 64-row blocks, plus the offsets
-    dense = pack_cpu_weight(torch.randn(1024, 2048))
+    dense = pack_cpu_weight(torch.randn(4096, 1024))
     assert not dense.bitmaps
     assert dense.bytes_per_weight == pytest.approx(2 + 8 / 2048, abs=0.01)
 
@@ -151,10 +153,20 @@ def test_pack_rejects_bad_input(weight_sparsity: float) -> None:
         pack_cpu_weight(torch.ones(4, dtype=torch.float32))
     with pytest.raises(ValueError, match="multiple of 64"):
         pack_cpu_weight(torch.ones(4, 4), panel_rows=100)
+    for segment_rows in (0, 96, 192):  # not a multiple of 64 / does not divide 256
+        with pytest.raises(ValueError, match="segment_rows"):
+            pack_cpu_weight(torch.ones(4, 4), panel_rows=256, segment_rows=segment_rows)
     packed = pack_cpu_weight(masked_weight(200, 4, weight_sparsity, seed=6), panel_rows=64)
     offsets = packed.offsets.clone()
     offsets[5] += 1  # panel 1, channel 1
     with pytest.raises(ValueError, match="disagree"):
+        unpack_cpu_weight(dataclasses.replace(packed, offsets=offsets))
+    packed = pack_cpu_weight(
+        masked_weight(200, 4, weight_sparsity, seed=6), panel_rows=128, segment_rows=64
+    )
+    offsets = packed.offsets.clone()
+    offsets[3] += 1  # panel 0, channel 1, segment 1: the run's start and end stay right
+    with pytest.raises(ValueError, match="segment 1 starts disagree"):
         unpack_cpu_weight(dataclasses.replace(packed, offsets=offsets))
 
 
@@ -250,18 +262,21 @@ def test_inactive_channels_are_never_read(weight_sparsity: float) -> None:
     """Poison the runs of channels whose activation is zero: the output must not notice."""
     n, k = 300, 64
     weight = masked_weight(n, k, weight_sparsity, seed=4).half()
-    packed = pack_cpu_weight(weight, panel_rows=128)  # 3 panels
+    packed = pack_cpu_weight(weight, panel_rows=128, segment_rows=64)  # 3 panels of 2 segments
     x = torch.randn(2, k)
     x[:, ::2] = 0.0  # even channels inactive for both tokens
     data = packed.data.clone()
     nan_bits = torch.tensor(0x7E00, dtype=torch.int16)  # fp16 NaN, and a bitmap with bits set
+    seg = packed.n_segments
     for panel in range(packed.n_panels):
         for channel in range(0, k, 2):
             run = panel * k + channel
-            data[packed.offsets[run] : packed.offsets[run + 1]] = nan_bits
+            data[packed.offsets[run * seg] : packed.offsets[(run + 1) * seg]] = nan_bits
     poisoned = dataclasses.replace(packed, data=data)
-    ref = dual_sparse_linear_reference(x, weight.float(), 0.0)
-    assert scale_free_error(cpu_dual_sparse_linear(x, poisoned, 0.0), ref) <= TOLERANCE
+    for tokens in (1, 2):  # whole runs, then a segment at a time
+        ref = dual_sparse_linear_reference(x[:tokens], weight.float(), 0.0)
+        y = cpu_dual_sparse_linear(x[:tokens], poisoned, 0.0)
+        assert scale_free_error(y, ref) <= TOLERANCE, tokens
 
 
 @needs_kernel

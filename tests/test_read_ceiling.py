@@ -18,19 +18,20 @@ from vllm_duogpt.kernels.cpu_layout import pack_cpu_weight
 def packed_weight(n: int, k: int, panel_rows: int):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= 0.5)
-    return pack_cpu_weight(weight, panel_rows=panel_rows)
+    return pack_cpu_weight(weight, panel_rows=panel_rows, segment_rows=64)
 
 
 def expected_runs(packed, active: list[int], threads: int) -> list[list[tuple[int, int]]]:
     """Byte ranges per thread, walked from the offsets the way decode() splits the work."""
     n_slice = min(max(len(active) // MIN_SLICE_CHANNELS, 1), threads)
     base, offsets, k = packed.data.data_ptr(), packed.offsets.tolist(), packed.in_features
+    seg = packed.n_segments  # a run is its panel's segments, end to end
     out = []
     for s in range(n_slice):
         mine = active[len(active) * s // n_slice : len(active) * (s + 1) // n_slice]
         out.append(
             [
-                (base + 2 * offsets[p * k + c], base + 2 * offsets[p * k + c + 1])
+                (base + 2 * offsets[(p * k + c) * seg], base + 2 * offsets[(p * k + c + 1) * seg])
                 for p in range(packed.n_panels)
                 for c in mine
             ]
@@ -40,7 +41,8 @@ def expected_runs(packed, active: list[int], threads: int) -> list[list[tuple[in
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_decode_ranges_are_the_active_runs_in_kernel_order(threads: int) -> None:
-    packed = packed_weight(300, 90, panel_rows=128)  # 3 panels
+    packed = packed_weight(300, 90, panel_rows=128)  # 3 panels of 2 segments
+    assert packed.n_segments == 2
     x = torch.zeros(1, 90)
     active = [0, 3, 4, 17, 40, 41, 42, 60, 61, 62, 63, 64, 65, 66, 70, 71, 72, 80, 81, 82, 88, 89]
     x[0, active] = torch.linspace(1.0, 2.0, len(active))

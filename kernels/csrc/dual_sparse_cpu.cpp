@@ -3,16 +3,17 @@
 //
 // Layout recap: output rows are cut into panels of panel_rows; inside a panel every input channel
 // owns one contiguous run of 64-row blocks, [64-bit bitmap (4 uint16 words)][kept 16-bit values
-// in row order], and the channels' runs follow each other. offsets[p * K + k] is the first word of
-// panel p's run for channel k (offsets[n_panel * K] is the end). A nearly dense weight is stored
+// in row order], and the channels' runs follow each other. Runs are cut into segments of
+// panel_rows / S rows: offsets[(p * K + k) * S + s] is the first word of segment s of panel p's
+// run for channel k (offsets[n_panel * K * S] is the end). A nearly dense weight is stored
 // without bitmaps: each block is then the values of its 64 rows, zeros included.
 //
 // Paths:
 //   decode  (M < prefill_min_tokens(isa)): threshold inside the kernel, union of active channels.
-//           Threads split the active channels (each reads whole runs, one panel after another,
-//           skipping inactive channels' runs), expand 16-bit values to fp32 in registers,
-//           accumulate a panel in a cache-resident buffer and sum their partial outputs at the
-//           end. Only active channels' bytes are read, and a software prefetcher walks those
+//           Threads split the active channels (one token: each reads whole runs, one panel
+//           after another, skipping inactive channels' runs; several tokens: one segment of the
+//           runs at a time), expand 16-bit values to fp32 in registers, accumulate a panel (a
+//           segment) in a cache-resident buffer and sum their partial outputs at the end. Only active channels' bytes are read, and a software prefetcher walks those
 //           bytes 16 KiB ahead of the reads (RunPrefetcher).
 //   prefill (M >= prefill_min_tokens(isa)): one row slice at a time, threads decompress its
 //           channels into a row-major fp32 tile, then one GEMM (oneDNN through PyTorch, else
@@ -53,7 +54,10 @@ const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
 constexpr int64_t kMinSliceChannels = 16;
 // Channels decoded together. Each run's next block address waits on a load and a popcount of
 // the current block's bitmap; four independent runs hide that chain (AVX-512, per 16 rows:
-// 1.0 ns with one channel, 0.76 ns with four).
+// 1.0 ns with one channel, 0.76 ns with four). Several tokens share each group's expanded blocks
+// in registers. One token over runs without bitmaps has no such chain and reads one run at a
+// time: one stream rather than four (4096-row panels, W0/X50 on the LLaMA-7B shapes, one
+// thread: 1.65-1.76x dense16 against 1.54-1.79x with four, two runs minutes apart).
 constexpr int kGroup = 4;
 // Decode reads this far ahead of itself (RunPrefetcher). One thread, 2048 x 2048 at 50% weight
 // sparsity, all channels active, weights out of cache: 7.7 GB/s with only the hardware
@@ -108,18 +112,23 @@ int64_t prefill_min_tokens(int isa) {
   return isa == kAvx512 ? 128 : 32;
 }
 
-// A run is a block after another; a block is 4 bitmap words and the kept values or, in a layout
-// without bitmaps (nearly dense weights), the values of all its 64 rows.
+// A run is a segment after another, a segment a block after another; a block is 4 bitmap words
+// and the kept values or, in a layout without bitmaps (nearly dense weights), the values of all
+// its 64 rows.
 struct Layout {
   const uint16_t* data;
-  const int64_t* offsets;  // [n_panel * K + 1]
+  const int64_t* offsets;  // [n_panel * K * n_seg + 1]
   int64_t N, K, panel_rows, n_panel;
+  int64_t n_seg, seg_blocks;  // segments per panel, blocks per segment
   int kind;
   bool bitmaps;
 
-  const uint16_t* run(int64_t p, int64_t k) const { return data + offsets[p * K + k]; }
-  // the run after (p, k): the next channel's, or the next panel's first
-  const uint16_t* run_end(int64_t p, int64_t k) const { return data + offsets[p * K + k + 1]; }
+  // segment s of panel p's run for channel k; s = n_seg is where the run ends (the next
+  // channel's run, or the next panel's first)
+  const uint16_t* segment(int64_t p, int64_t k, int64_t s) const {
+    return data + offsets[(p * K + k) * n_seg + s];
+  }
+  const uint16_t* run(int64_t p, int64_t k) const { return segment(p, k, 0); }
   int64_t first_row(int64_t p) const { return p * panel_rows; }
   int64_t rows(int64_t p) const { return std::min(panel_rows, N - first_row(p)); }
   int64_t blocks(int64_t p) const { return (rows(p) + kBlockRows - 1) / kBlockRows; }
@@ -153,9 +162,14 @@ void collect_active(const float* x, int64_t M, int64_t K, float tau, ActiveSet& 
   a.xs.resize(n * M);
 }
 
-// One decode unit: panel p, active channels [i0, i1); acc is [M][acc_stride], zeroed.
+// One decode unit: segments [s0, s1) of panel p, which hold its blocks [b0, b1), and active
+// channels [i0, i1); acc is [M][acc_stride(blocks())], zeroed.
 struct Pass {
-  int64_t p, i0, i1;
+  int64_t p, s0, s1, i0, i1, b0, b1;
+  Pass(const Layout& L, int64_t p_, int64_t s0_, int64_t s1_, int64_t i0_, int64_t i1_)
+      : p(p_), s0(s0_), s1(s1_), i0(i0_), i1(i1_), b0(s0_ * L.seg_blocks),
+        b1(std::min(L.blocks(p_), s1_ * L.seg_blocks)) {}
+  int64_t blocks() const { return b1 - b0; }
 };
 
 // One prefill unit's rows: blocks [b0, b1) of panel p.
@@ -169,12 +183,10 @@ inline float to_float(uint16_t bits, int kind) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
-// Floats between two tokens' accumulators of panel p. The 16-float pad keeps them out of the same
-// L1 sets: with a stride that is a multiple of 4 KiB, more than 8 tokens thrash an 8-way L1
-// (measured 10x slower at 12 tokens).
-inline int64_t acc_stride(const Layout& L, int64_t p) {
-  return L.blocks(p) * kBlockRows + 16;
-}
+// Floats between two tokens' accumulators of a pass of `blocks` blocks. The 16-float pad keeps
+// them out of the same L1 sets: with a stride that is a multiple of 4 KiB, more than 8 tokens
+// thrash an 8-way L1 (measured 10x slower at 12 tokens).
+inline int64_t acc_stride(int64_t blocks) { return blocks * kBlockRows + 16; }
 
 inline uint64_t load_bitmap(const uint16_t* p) {
   uint64_t w;
@@ -240,8 +252,8 @@ class RunPrefetcher {
   }
   void start_run() {
     const int64_t k = a_.idx[j_];
-    pos_ = reinterpret_cast<const char*>(L_.run(ps_.p, k));
-    end_ = reinterpret_cast<const char*>(L_.run_end(ps_.p, k));
+    pos_ = reinterpret_cast<const char*>(L_.segment(ps_.p, k, ps_.s0));
+    end_ = reinterpret_cast<const char*>(L_.segment(ps_.p, k, ps_.s1));
     next_line_ = std::max(next_line_, line_of(pos_));
   }
   const Layout& L_;
@@ -259,11 +271,11 @@ class RunPrefetcher {
 
 void decode_pass_scalar(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                         float* acc) {
-  const int64_t stride = acc_stride(L, ps.p);
+  const int64_t stride = acc_stride(ps.blocks());
   for (int64_t i = ps.i0; i < ps.i1; ++i) {
-    const uint16_t* p = L.run(ps.p, a.idx[i]);
+    const uint16_t* p = L.segment(ps.p, a.idx[i], ps.s0);
     const float* xs = &a.xs[i * M];
-    for (int64_t b = 0; b < L.blocks(ps.p); ++b) {
+    for (int64_t b = 0; b < ps.blocks(); ++b) {
       const uint16_t* v = p;
       for (uint64_t w = take_bitmap(L.bitmaps, v); w; w &= w - 1) {
         const float wv = to_float(*v++, L.kind);
@@ -382,9 +394,9 @@ inline const uint16_t* expand_block(const uint16_t* p, __m256 w[8]) {
 template <int KIND, int MT, int G, bool BM>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                             int64_t i, float* acc, RunPrefetcher& ahead) {
-  const int64_t blocks = L.blocks(ps.p), stride = acc_stride(L, ps.p);
+  const int64_t blocks = ps.blocks(), stride = acc_stride(blocks);
   const uint16_t* p[G];
-  for (int g = 0; g < G; ++g) p[g] = L.run(ps.p, a.idx[i + g]);
+  for (int g = 0; g < G; ++g) p[g] = L.segment(ps.p, a.idx[i + g], ps.s0);
   const float* xs = &a.xs[i * M];
   ahead.start_group(p);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -422,8 +434,9 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
   const int64_t M = MT ? MT : M_;
   RunPrefetcher ahead(L, a, ps);
   int64_t i = ps.i0;
-  for (; i + kGroup <= ps.i1; i += kGroup) {
-    decode_channels<KIND, MT, kGroup, BM>(L, a, M, ps, i, acc, ahead);
+  constexpr int G = (MT == 1 && !BM) ? 1 : kGroup;  // see kGroup
+  for (; i + G <= ps.i1; i += G) {
+    decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
   }
   for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
 }
@@ -547,9 +560,9 @@ inline void natural_order(float* acc) {
 template <int KIND, int MT, int G, bool BM>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                             int64_t i, float* acc, RunPrefetcher& ahead) {
-  const int64_t blocks = L.blocks(ps.p), stride = acc_stride(L, ps.p);
+  const int64_t blocks = ps.blocks(), stride = acc_stride(blocks);
   const uint16_t* p[G];
-  for (int g = 0; g < G; ++g) p[g] = L.run(ps.p, a.idx[i + g]);
+  for (int g = 0; g < G; ++g) p[g] = L.segment(ps.p, a.idx[i + g], ps.s0);
   const float* xs = &a.xs[i * M];
   ahead.start_group(p);
   for (int64_t b = 0; b < blocks; ++b) {
@@ -587,11 +600,12 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
   const int64_t M = MT ? MT : M_;
   RunPrefetcher ahead(L, a, ps);
   int64_t i = ps.i0;
-  for (; i + kGroup <= ps.i1; i += kGroup) {
-    decode_channels<KIND, MT, kGroup, BM>(L, a, M, ps, i, acc, ahead);
+  constexpr int G = (MT == 1 && !BM) ? 1 : kGroup;  // see kGroup
+  for (; i + G <= ps.i1; i += G) {
+    decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
   }
   for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
-  const int64_t stride = acc_stride(L, ps.p), rows = L.blocks(ps.p) * kBlockRows;
+  const int64_t stride = acc_stride(ps.blocks()), rows = ps.blocks() * kBlockRows;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t r = 0; r < rows; r += 32) natural_order<KIND>(acc + m * stride + r);
   }
@@ -718,7 +732,9 @@ void decompress(int isa, const Layout& L, const Slice& sl, int64_t k0, int64_t k
 // Few tokens. Splitting the active channels (not the rows) between threads keeps every read a
 // whole run: runs cut into row ranges leave regular gaps that the hardware prefetcher fills with
 // unused lines (a 2.5x slowdown measured). Slices are slice-major, so with one slice per thread
-// each thread owns one slice over all panels: equal work whatever the panel sizes.
+// each thread owns one slice over all panels: equal work whatever the panel sizes. One token
+// reads whole runs (the longer the runs, the faster skipping reads); several tokens read one
+// segment of each at a time, so that the M accumulators of a pass stay in cache.
 void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float* bias,
             float* y) {
   const int64_t nact = a.idx.size();
@@ -730,20 +746,27 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
     partial = at::empty({n_slice, M, L.N}, at::kFloat);
     part = partial.data_ptr<float>();
   }
-  at::parallel_for(0, n_slice * L.n_panel, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t seg_per_pass = M == 1 ? L.n_seg : 1;
+  const int64_t passes_per_panel = L.n_seg / seg_per_pass;
+  const int64_t per_slice = L.n_panel * passes_per_panel;
+  at::parallel_for(0, n_slice * per_slice, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> acc;
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t s = u / L.n_panel, p = u % L.n_panel;
-      const Pass ps{p, nact * s / n_slice, nact * (s + 1) / n_slice};
-      const int64_t stride = acc_stride(L, p), r0 = L.first_row(p);
+      const int64_t s = u / per_slice, p = u % per_slice / passes_per_panel;
+      const int64_t s0 = u % passes_per_panel * seg_per_pass;
+      const Pass ps(L, p, s0, s0 + seg_per_pass, nact * s / n_slice, nact * (s + 1) / n_slice);
+      if (ps.blocks() <= 0) continue;  // segments past the last panel's rows
+      const int64_t stride = acc_stride(ps.blocks());
+      const int64_t r0 = L.first_row(p) + ps.b0 * kBlockRows;
+      const int64_t rows = std::min(L.N - r0, ps.blocks() * kBlockRows);
       acc.assign(M * stride, 0.f);
       decode_pass(isa, L, a, M, ps, acc.data());
       for (int64_t m = 0; m < M; ++m) {
         const float* src = acc.data() + m * stride;
         if (part) {
-          std::copy(src, src + L.rows(p), part + (s * M + m) * L.N + r0);
+          std::copy(src, src + rows, part + (s * M + m) * L.N + r0);
         } else {
-          for (int64_t r = 0; r < L.rows(p); ++r) {
+          for (int64_t r = 0; r < rows; ++r) {
             y[m * L.N + r0 + r] = src[r] + (bias ? bias[r0 + r] : 0.f);
           }
         }
@@ -828,8 +851,8 @@ const float* checked_bias(const std::optional<at::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
-// x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K + 1] int64; bitmaps: whether blocks
-// carry bitmaps (else every row is stored); bias: [N] fp32 or None
+// x: [M, K] fp32; data: [L] int16; offsets: [n_panel * K * S + 1] int64 (S segments a panel);
+// bitmaps: whether blocks carry bitmaps (else every row is stored); bias: [N] fp32 or None
 // out: [M, N] fp32
 at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
                                   const at::Tensor& offsets, int64_t out_features,
@@ -844,10 +867,16 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
   TORCH_CHECK(value_kind == kBF16 || value_kind == kFP16,
               "value_kind must be 0 (bf16) or 1 (fp16), got ", value_kind);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  const int64_t n_panel = (N + panel_rows - 1) / panel_rows;
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == n_panel * K + 1 &&
-                  offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
-              "offsets must be contiguous int64 [", n_panel * K + 1, "], got ", offsets.sizes());
+  const int64_t n_panel = (N + panel_rows - 1) / panel_rows, runs = n_panel * K;
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.is_contiguous() && offsets.size(0) >= 1 &&
+                  (offsets.size(0) - 1) % std::max<int64_t>(runs, 1) == 0,
+              "offsets must be contiguous int64 [n_panel * K * segments + 1] with n_panel * K = ",
+              runs, ", got ", offsets.sizes());
+  const int64_t n_seg = runs ? (offsets.size(0) - 1) / runs : 1;
+  TORCH_CHECK(n_seg >= 1 && panel_rows % (n_seg * kBlockRows) == 0,
+              "offsets hold ", n_seg, " segments a panel; panel_rows=", panel_rows,
+              " is not a multiple of ", n_seg, " x 64");
   const float* bias_ptr = checked_bias(bias, N);
   const Layout L{reinterpret_cast<const uint16_t*>(data.data_ptr<int16_t>()),
                  offsets.data_ptr<int64_t>(),
@@ -855,6 +884,8 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
                  K,
                  panel_rows,
                  n_panel,
+                 n_seg,
+                 panel_rows / n_seg / kBlockRows,
                  static_cast<int>(value_kind),
                  bitmaps};
   const int isa = active_isa();
