@@ -29,8 +29,8 @@ Why big panels: skipping saves bytes only if the skipped bytes are contiguous an
 fetched in 64-byte lines and the hardware prefetcher runs ahead over skipped lines; measured on
 one core reading half of the runs at random, runs of 0.3 KB deliver 8 GB/s of useful bytes,
 runs of 2.3 KB (2048 rows at 50% weight sparsity) 18 GB/s, against 29 GB/s for a plain stream.
-Panels of 4096 rows (runs of 4.6 KB) against 2048, same run: two threads, W50/X50 on the
-LLaMA-7B shapes 5-12% faster.
+Panels of 4096 rows (runs of 4.6 KB) against 2048 rows, timed alternately in one run: W50/X50
+on the LLaMA-7B shapes 6-11% faster on two threads (four runs), about the same on one.
 
 Bytes per weight stored: values ``2 * (1 - s_w)``, bitmap ``1/8``, offsets ``8 / segment_rows``:
 ``1 + 0.125 + 0.004 = 1.13`` at 50% weight sparsity (dense 16-bit: 2). A decode step with half
