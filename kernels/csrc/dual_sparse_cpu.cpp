@@ -57,7 +57,8 @@ constexpr int64_t kMinSliceChannels = 16;
 // 1.0 ns with one channel, 0.76 ns with four). Several tokens share each group's expanded blocks
 // in registers. One token over runs without bitmaps has no such chain and reads one run at a
 // time: one stream rather than four (4096-row panels, W0/X50 on the LLaMA-7B shapes, one
-// thread: 1.65-1.76x dense16 against 1.54-1.79x with four, two runs minutes apart).
+// thread, two builds run alternately twice: 0.75-0.76 / 1.83-2.00 / 1.89-2.02 ms against
+// 0.82-0.85 / 2.11 / 2.20-2.23 ms with four, 1.59-1.89x dense16 against 1.47-1.68x).
 constexpr int kGroup = 4;
 // Decode reads this far ahead of itself (RunPrefetcher). One thread, 2048 x 2048 at 50% weight
 // sparsity, all channels active, weights out of cache: 7.7 GB/s with only the hardware
