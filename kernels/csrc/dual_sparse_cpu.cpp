@@ -13,8 +13,9 @@
 //           Threads split the active channels (one token: each reads whole runs, one panel
 //           after another, skipping inactive channels' runs; several tokens: one segment of the
 //           runs at a time), expand 16-bit values to fp32 in registers, accumulate a panel (a
-//           segment) in a cache-resident buffer and sum their partial outputs at the end. Only active channels' bytes are read, and a software prefetcher walks those
-//           bytes 16 KiB ahead of the reads (RunPrefetcher).
+//           segment) in a cache-resident buffer and sum their partial outputs at the end. Only
+//           active channels' bytes are read, and a software prefetcher walks those bytes 16 KiB
+//           ahead of the reads (RunPrefetcher).
 //   prefill (M >= prefill_min_tokens(isa)): one row slice at a time, threads decompress its
 //           channels into a row-major fp32 tile, then one GEMM (oneDNN through PyTorch, else
 //           at::addmm) multiplies all tokens with it: never a dense copy of the layer.
@@ -60,6 +61,9 @@ constexpr int64_t kMinSliceChannels = 16;
 // thread, two builds run alternately twice: 0.75-0.76 / 1.83-2.00 / 1.89-2.02 ms against
 // 0.82-0.85 / 2.11 / 2.20-2.23 ms with four, 1.59-1.89x dense16 against 1.47-1.68x).
 constexpr int kGroup = 4;
+// Channels a decode pass of MT tokens (0: several) over a layout with or without bitmaps (BM)
+// decodes together: both ISAs' decode_pass follow this one rule.
+constexpr int decode_group(int MT, bool BM) { return (MT == 1 && !BM) ? 1 : kGroup; }
 // Decode reads this far ahead of itself (RunPrefetcher). One thread, 2048 x 2048 at 50% weight
 // sparsity, all channels active, weights out of cache: 7.7 GB/s with only the hardware
 // prefetcher, 17.7 / 21.9 / 20.5 GB/s at 4 / 16 / 64 KiB ahead (22.2 GB/s with the weights in
@@ -435,7 +439,7 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
   const int64_t M = MT ? MT : M_;
   RunPrefetcher ahead(L, a, ps);
   int64_t i = ps.i0;
-  constexpr int G = (MT == 1 && !BM) ? 1 : kGroup;  // see kGroup
+  constexpr int G = decode_group(MT, BM);
   for (; i + G <= ps.i1; i += G) {
     decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
   }
@@ -601,7 +605,7 @@ void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps
   const int64_t M = MT ? MT : M_;
   RunPrefetcher ahead(L, a, ps);
   int64_t i = ps.i0;
-  constexpr int G = (MT == 1 && !BM) ? 1 : kGroup;  // see kGroup
+  constexpr int G = decode_group(MT, BM);
   for (; i + G <= ps.i1; i += G) {
     decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
   }
