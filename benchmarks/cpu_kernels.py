@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/cpu_kernels.py --threads 2
     python benchmarks/cpu_kernels.py --tokens 4 --shapes 4096x4096
+    python benchmarks/cpu_kernels.py --threads 2 --panel-rows 2048,4096
     python benchmarks/cpu_kernels.py --threads 1 --tokens 512 --repeats 5 \
         --shapes 6144x2048 2048x5632
 """
@@ -42,7 +43,7 @@ import torch
 from read_ceiling import RangeReader, decode_ranges
 
 from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
-from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight, pack_cpu_weight
+from vllm_duogpt.kernels.cpu_layout import DEFAULT_PANEL_ROWS, CpuSparseWeight, pack_cpu_weight
 from vllm_duogpt.kernels.huge_pages import to_huge_pages
 from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 
@@ -128,9 +129,11 @@ def bench_shape(
     pool_mib: int,
     gen: torch.Generator,
     reader: RangeReader | None,
+    panel_sizes: list[int],
 ) -> list[Row]:
     """All kernels on one ``[n, k]`` shape; with a reader, the pure read of every sparse
-    configuration's bytes too (batch 1)."""
+    configuration's bytes too (batch 1); each sparse configuration packed with each of
+    ``panel_sizes`` (labelled ``pN`` when there are several)."""
     dense = masked_weight(n, k, 0.0, gen)
     x = torch.randn(tokens, k, generator=gen)
     x1, xb = x[0].contiguous(), x.bfloat16()
@@ -159,31 +162,36 @@ def bench_shape(
 
     for weight_sparsity, act_sparsity in SPARSITIES:
         weight = masked_weight(n, k, weight_sparsity, gen)
-        packed = pack_cpu_weight(weight, value_dtype=torch.bfloat16)
-        pool = [packed] + [
-            dataclasses.replace(packed, data=to_huge_pages(packed.data))
-            for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
-        ]
-        xs = [torch.randn(tokens, k, generator=gen) for _ in pool]
-        taus = [threshold_for(xi, act_sparsity) for xi in xs]
-        label = f"ours W{round(weight_sparsity * 100)}/X{round(act_sparsity * 100)}"
-        check_product(label, weight, pool[-1], xs[-1], taus[-1])
-        kernels[label] = [
-            lambda p=p, xi=xi, tau=tau: cpu_dual_sparse_linear(xi, p, tau)
-            for p, xi, tau in zip(pool, xs, taus, strict=True)
-        ]
-        bytes_read[label] = bytes_touched(packed, xs[0], taus[0])
-        if reader is not None:
-            # copies of its own: reading the bytes the kernel call before it has just pulled
-            # into the last-level cache would time the cache, not the memory
-            ceiling = f"read-only {label.removeprefix('ours ')}"
-            threads = torch.get_num_threads()
-            copies = [dataclasses.replace(packed, data=to_huge_pages(packed.data)) for _ in pool]
-            kernels[ceiling] = [
-                reader.reader(decode_ranges(c, xi, tau, threads), keep=c.data)
-                for c, xi, tau in zip(copies, xs, taus, strict=True)
+        for panel_rows in panel_sizes:
+            packed = pack_cpu_weight(weight, panel_rows=panel_rows, value_dtype=torch.bfloat16)
+            pool = [packed] + [
+                dataclasses.replace(packed, data=to_huge_pages(packed.data))
+                for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
             ]
-            bytes_read[ceiling] = bytes_read[label]
+            xs = [torch.randn(tokens, k, generator=gen) for _ in pool]
+            taus = [threshold_for(xi, act_sparsity) for xi in xs]
+            label = f"ours W{round(weight_sparsity * 100)}/X{round(act_sparsity * 100)}"
+            if len(panel_sizes) > 1:
+                label += f" p{panel_rows}"
+            check_product(label, weight, pool[-1], xs[-1], taus[-1])
+            kernels[label] = [
+                lambda p=p, xi=xi, tau=tau: cpu_dual_sparse_linear(xi, p, tau)
+                for p, xi, tau in zip(pool, xs, taus, strict=True)
+            ]
+            bytes_read[label] = bytes_touched(packed, xs[0], taus[0])
+            if reader is not None:
+                # copies of its own: reading the bytes the kernel call before it has just pulled
+                # into the last-level cache would time the cache, not the memory
+                ceiling = f"read-only {label.removeprefix('ours ')}"
+                threads = torch.get_num_threads()
+                copies = [
+                    dataclasses.replace(packed, data=to_huge_pages(packed.data)) for _ in pool
+                ]
+                kernels[ceiling] = [
+                    reader.reader(decode_ranges(c, xi, tau, threads), keep=c.data)
+                    for c, xi, tau in zip(copies, xs, taus, strict=True)
+                ]
+                bytes_read[ceiling] = bytes_read[label]
 
     timed = time_interleaved(kernels, repeats)
     return [Row(f"{n}x{k}", name, *timed[name], bytes_read[name]) for name in kernels]
@@ -195,8 +203,9 @@ def print_table(rows: list[Row]) -> None:
     Speed-ups compare medians (``vs fp32``, ``vs best16``) and, in brackets, minimums: on a shared
     machine the minimum is the run least disturbed by other processes.
     """
+    width = max(20, *(len(r.kernel) for r in rows))
     header = (
-        f"{'shape':<11} {'kernel':<20} {'med ms':>7} {'min ms':>7} {'GB/s':>5} "
+        f"{'shape':<11} {'kernel':<{width}} {'med ms':>7} {'min ms':>7} {'GB/s':>5} "
         f"{'vs fp32':>15} {'vs best16':>15}"
     )
     print(header)
@@ -208,7 +217,7 @@ def print_table(rows: list[Row]) -> None:
         best16_min = min(r.best for r in group if "bf16" in r.kernel)
         for r in group:
             print(
-                f"{r.shape:<11} {r.kernel:<20} {r.seconds * 1e3:7.3f} {r.best * 1e3:7.3f} "
+                f"{r.shape:<11} {r.kernel:<{width}} {r.seconds * 1e3:7.3f} {r.best * 1e3:7.3f} "
                 f"{r.bytes_read / r.seconds / 1e9:5.1f} "
                 f"{fp32.seconds / r.seconds:5.2f}x ({fp32.best / r.best:5.2f}x) "
                 f"{best16.seconds / r.seconds:5.2f}x ({best16_min / r.best:5.2f}x)"
@@ -224,8 +233,16 @@ def main() -> None:
     parser.add_argument("--pool-mib", type=int, default=128, help="weight copies per config")
     parser.add_argument("--shapes", nargs="*", help="NxK, default the LLaMA-7B projections")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--panel-rows",
+        default=str(DEFAULT_PANEL_ROWS),
+        help="CPU layout panel sizes to time side by side, comma list of multiples of 64",
+    )
     args = parser.parse_args()
 
+    panel_sizes = [int(v) for v in args.panel_rows.split(",")]
+    if any(p <= 0 or p % 64 for p in panel_sizes):
+        parser.error(f"--panel-rows takes positive multiples of 64, got {args.panel_rows}")
     torch.set_num_threads(args.threads)
     ok, reason = cpu_kernel_available()
     if not ok:
@@ -240,7 +257,9 @@ def main() -> None:
     reader = RangeReader() if args.tokens == 1 else None
     rows: list[Row] = []
     for n, k in shapes:
-        rows += bench_shape(n, k, args.tokens, args.repeats, args.pool_mib, gen, reader)
+        rows += bench_shape(
+            n, k, args.tokens, args.repeats, args.pool_mib, gen, reader, panel_sizes
+        )
     print_table(rows)
 
 

@@ -18,7 +18,8 @@ the end), so ``offsets[(p * K + k) * S]`` starts the run and ``offsets[(p * K + 
 ends it. A zero activation skips its run: contiguous bytes, and a decode pass over a panel reads
 the active runs in address order. A one-token pass reads whole runs; a pass of several tokens
 reads one segment of each, so that its accumulators (a segment's rows per token) stay in cache
-(measured at 64-100 tokens: 4096-row accumulators made products up to 1.6x slower).
+(measured by hand on a build without segments: at 64-100 tokens, 4096-row accumulators made
+products up to 1.6x slower).
 
 A weight that keeps at least 15/16 of its entries (activation-only sparsity: nothing pruned) is
 stored without bitmaps (``bitmaps=False``): every block is then the values of its 64 rows, the
@@ -29,8 +30,9 @@ Why big panels: skipping saves bytes only if the skipped bytes are contiguous an
 fetched in 64-byte lines and the hardware prefetcher runs ahead over skipped lines; measured on
 one core reading half of the runs at random, runs of 0.3 KB deliver 8 GB/s of useful bytes,
 runs of 2.3 KB (2048 rows at 50% weight sparsity) 18 GB/s, against 29 GB/s for a plain stream.
-Panels of 4096 rows (runs of 4.6 KB) against 2048 rows, timed alternately in one run: W50/X50
-on the LLaMA-7B shapes 6-11% faster on two threads (four runs), about the same on one.
+Panels of 4096 rows (runs of 4.6 KB) against 2048 rows, timed alternately in one run
+(``benchmarks/cpu_kernels.py --panel-rows 2048,4096``): on the LLaMA-7B shapes W50/X50 1-8% and
+W70/X50 8-14% faster on two threads, between 4% slower and 6% faster on one.
 
 Bytes per weight stored: values ``2 * (1 - s_w)``, bitmap ``1/8``, offsets ``8 / segment_rows``:
 ``1 + 0.125 + 0.004 = 1.13`` at 50% weight sparsity (dense 16-bit: 2). A decode step with half
