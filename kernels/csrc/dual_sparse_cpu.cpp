@@ -193,6 +193,22 @@ inline float to_float(uint16_t bits, int kind) {
 // thrash an 8-way L1 (measured 10x slower at 12 tokens).
 inline int64_t acc_stride(int64_t blocks) { return blocks * kBlockRows + 16; }
 
+// A decode pass's accumulators, zeroed, on a 64-byte boundary (acc_stride keeps every token's
+// row there too): from a plain vector every 64-byte vector load and store of the passes straddled
+// two cache lines.
+class AccBuffer {
+ public:
+  float* zeroed(int64_t n) {
+    buf_.assign(n + kLineFloats, 0.f);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(buf_.data());
+    return reinterpret_cast<float*>((at + 63) & ~uintptr_t{63});
+  }
+
+ private:
+  static constexpr int64_t kLineFloats = 16;
+  std::vector<float> buf_;
+};
+
 inline uint64_t load_bitmap(const uint16_t* p) {
   uint64_t w;
   std::memcpy(&w, p, 8);
@@ -755,7 +771,7 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
   const int64_t passes_per_panel = L.n_seg / seg_per_pass;
   const int64_t per_slice = L.n_panel * passes_per_panel;
   at::parallel_for(0, n_slice * per_slice, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> acc;
+    AccBuffer buffer;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t s = u / per_slice, p = u % per_slice / passes_per_panel;
       const int64_t s0 = u % passes_per_panel * seg_per_pass;
@@ -764,10 +780,10 @@ void decode(int isa, const Layout& L, const ActiveSet& a, int64_t M, const float
       const int64_t stride = acc_stride(ps.blocks());
       const int64_t r0 = L.first_row(p) + ps.b0 * kBlockRows;
       const int64_t rows = std::min(L.N - r0, ps.blocks() * kBlockRows);
-      acc.assign(M * stride, 0.f);
-      decode_pass(isa, L, a, M, ps, acc.data());
+      float* acc = buffer.zeroed(M * stride);
+      decode_pass(isa, L, a, M, ps, acc);
       for (int64_t m = 0; m < M; ++m) {
-        const float* src = acc.data() + m * stride;
+        const float* src = acc + m * stride;
         if (part) {
           std::copy(src, src + rows, part + (s * M + m) * L.N + r0);
         } else {
