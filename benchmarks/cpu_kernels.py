@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/cpu_kernels.py --threads 2
     python benchmarks/cpu_kernels.py --tokens 4 --shapes 4096x4096
+    python benchmarks/cpu_kernels.py --tokens 8 --values fp16 --shapes 2048x5632
     python benchmarks/cpu_kernels.py --threads 2 --panel-rows 2048,4096
     python benchmarks/cpu_kernels.py --threads 1 --tokens 512 --repeats 5 \
         --shapes 6144x2048 2048x5632
@@ -50,6 +51,7 @@ from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 
 LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/o, up/gate, down
 SPARSITIES = ((0.5, 0.5), (0.5, 0.0), (0.0, 0.5), (0.7, 0.5))  # (weight, activation)
+VALUE_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --values
 
 
 @dataclass
@@ -116,7 +118,7 @@ def check_product(
 ) -> None:
     """Stop unless the kernel on this weight copy agrees with the torch reference: a timing of
     a wrong product (a copy that lost part of its layout, say) would be meaningless."""
-    ref = dual_sparse_linear_reference(x, weight.bfloat16().float(), tau)
+    ref = dual_sparse_linear_reference(x, weight.to(packed.value_dtype).float(), tau)
     err = float((cpu_dual_sparse_linear(x, packed, tau) - ref).abs().max() / ref.abs().max())
     if not err <= 1e-4:
         raise SystemExit(f"{label}: the kernel disagrees with the reference (error {err:.2e})")
@@ -155,6 +157,7 @@ def bench_shape(
     gen: torch.Generator,
     reader: RangeReader | None,
     panel_sizes: list[int],
+    value_dtype: torch.dtype,
 ) -> list[Row]:
     """All kernels on one ``[n, k]`` shape; with a reader, the pure read of every sparse
     configuration's bytes too (batch 1); each sparse configuration packed with each of
@@ -187,7 +190,7 @@ def bench_shape(
     for weight_sparsity, act_sparsity in SPARSITIES:
         weight = masked_weight(n, k, weight_sparsity, gen)
         for panel_rows in panel_sizes:
-            packed = pack_cpu_weight(weight, panel_rows=panel_rows, value_dtype=torch.bfloat16)
+            packed = pack_cpu_weight(weight, panel_rows=panel_rows, value_dtype=value_dtype)
             pool = [packed] + [
                 dataclasses.replace(packed, data=to_huge_pages(packed.data))
                 for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
@@ -260,6 +263,12 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", help="NxK, default the LLaMA-7B projections")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--values",
+        choices=sorted(VALUE_TYPES),
+        default="bf16",
+        help="16-bit type of the packed values (a checkpoint's own type: fp16 widens slower)",
+    )
+    parser.add_argument(
         "--panel-rows",
         default=str(DEFAULT_PANEL_ROWS),
         help="CPU layout panel sizes to time side by side, comma list of multiples of 64",
@@ -278,13 +287,24 @@ def main() -> None:
         if args.shapes
         else LLAMA7B_SHAPES
     )
-    print(f"{reason}; threads={args.threads} tokens={args.tokens} repeats={args.repeats}")
+    print(
+        f"{reason}; threads={args.threads} tokens={args.tokens} repeats={args.repeats} "
+        f"values={args.values}"
+    )
     gen = torch.Generator().manual_seed(args.seed)
     reader = RangeReader() if args.tokens == 1 else None
     rows: list[Row] = []
     for n, k in shapes:
         rows += bench_shape(
-            n, k, args.tokens, args.repeats, args.pool_mib, gen, reader, panel_sizes
+            n,
+            k,
+            args.tokens,
+            args.repeats,
+            args.pool_mib,
+            gen,
+            reader,
+            panel_sizes,
+            VALUE_TYPES[args.values],
         )
     print_table(rows)
 
