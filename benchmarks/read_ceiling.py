@@ -81,11 +81,10 @@ def decode_ranges(
     n_slice = min(max(len(active) // MIN_SLICE_CHANNELS, 1), threads)
     panel_first = torch.arange(packed.n_panels)[:, None] * packed.in_features
     base, width = packed.data.data_ptr(), packed.data.element_size()
+    starts = packed.run_starts
     ranges = []
     for s in range(n_slice):
         channels = active[len(active) * s // n_slice : len(active) * (s + 1) // n_slice]
         run = (panel_first + channels[None, :]).flatten()
-        starts = packed.offsets[run * packed.n_segments]
-        ends = packed.offsets[(run + 1) * packed.n_segments]
-        ranges.append((base + starts * width, base + ends * width))
+        ranges.append((base + starts[run] * width, base + starts[run + 1] * width))
     return ranges

@@ -31,8 +31,9 @@ fetched in 64-byte lines and the hardware prefetcher runs ahead over skipped lin
 one core reading half of the runs at random, runs of 0.3 KB deliver 8 GB/s of useful bytes,
 runs of 2.3 KB (2048 rows at 50% weight sparsity) 18 GB/s, against 29 GB/s for a plain stream.
 Panels of 4096 rows (runs of 4.6 KB) against 2048 rows, timed alternately in one run
-(``benchmarks/cpu_kernels.py --panel-rows 2048,4096``): on the LLaMA-7B shapes W50/X50 1-8% and
-W70/X50 8-14% faster on two threads, between 4% slower and 6% faster on one.
+(``benchmarks/cpu_kernels.py --panel-rows 2048,4096``, results/cpu_kernels_panels.txt): on the
+LLaMA-7B shapes W0/X50 3-10% and W70/X50 4-10% less time, W50/X50 within noise (6% more to 8%
+less), on one and two threads.
 
 Bytes per weight stored: values ``2 * (1 - s_w)``, bitmap ``1/8``, offsets ``8 / segment_rows``:
 ``1 + 0.125 + 0.004 = 1.13`` at 50% weight sparsity (dense 16-bit: 2). A decode step with half
@@ -118,9 +119,15 @@ class CpuSparseWeight:
         """Stored bytes per dense weight position."""
         return self.nbytes / max(1, self.out_features * self.in_features)
 
+    @property
+    def run_starts(self) -> torch.Tensor:
+        """``[n_panels * K + 1]`` first word of each (panel, channel) run, its first segment's;
+        run ``p * K + k`` ends where the next starts (the last entry is the end)."""
+        return self.offsets[:: self.n_segments]
+
     def run_lengths(self) -> torch.Tensor:
         """``[n_panels, K]`` words of each (panel, channel) run: what a decode step reads."""
-        starts = self.offsets[:: self.n_segments]
+        starts = self.run_starts
         return (starts[1:] - starts[:-1]).view(self.n_panels, self.in_features)
 
 
@@ -299,7 +306,7 @@ def unpack_cpu_weight(packed: CpuSparseWeight) -> torch.Tensor:
             block[kept] = packed.data[(pos[:, None] + header + rank)[kept]]
             out[r0 + b * BLOCK_ROWS : r0 + (b + 1) * BLOCK_ROWS] = block.t()
             pos += header + kept.sum(1)
-        ends = packed.offsets[(p * n_cols + 1) * n_seg :: n_seg][:n_cols]
+        ends = packed.run_starts[p * n_cols + 1 : (p + 1) * n_cols + 1]
         empty = segments[p, :, -(-n_blk // seg_blocks) :]  # segments past the last row
         if not torch.equal(pos, ends) or not torch.equal(empty, pos[:, None].expand_as(empty)):
             raise ValueError(f"panel {p}: run lengths disagree with the offsets")
