@@ -1,10 +1,12 @@
 """Batch-1 decode speed of the CPU dual-sparse kernel against dense baselines, one run, one table.
 
 For each LLaMA-7B projection shape it times dense float32 ``torch.mv``, dense bf16 ``torch.mv``,
-our dense 16-bit kernel (``torch.ops.duogpt.cpu_dense16_linear``: the fair dense 16-bit baseline on
-CPUs where torch's bf16 mv does not stream at memory speed) and the dual-sparse kernel at several
-weight / activation sparsities, and prints time, bytes per second of the bytes each one has to
-read, and speed-ups over dense fp32 and over the best dense 16-bit kernel, all from the same run.
+our dense 16-bit kernels (``torch.ops.duogpt.cpu_dense16_linear`` on the row-major weight, and,
+``runs``, the dual-sparse kernel itself on the dense weight in its own layout with every channel
+read: fair dense 16-bit baselines on CPUs where torch's bf16 mv does not stream at memory speed)
+and the dual-sparse kernel at several weight / activation sparsities, and prints time, bytes per
+second of the bytes each one has to read, and speed-ups over dense fp32 and over the fastest dense
+16-bit kernel, all from the same run.
 At batch 1 each sparse configuration also gets a ``read-only`` row: the same call's bytes (the
 active channels' runs, split between threads as the kernel splits them) read with the kernel's
 software prefetch and no arithmetic (read_ceiling.py): what fetching those bytes costs on this
@@ -52,6 +54,7 @@ from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 LLAMA7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/o, up/gate, down
 SPARSITIES = ((0.5, 0.5), (0.5, 0.0), (0.0, 0.5), (0.7, 0.5))  # (weight, activation)
 VALUE_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --values
+VALUE_NAMES = {dtype: name for name, dtype in VALUE_TYPES.items()}
 
 
 @dataclass
@@ -90,6 +93,14 @@ def time_interleaved(
 def n_copies(nbytes: int, pool_mib: int) -> int:
     """Copies of a weight needed to exceed the pool size, so calls miss the caches."""
     return max(2, math.ceil(pool_mib * 2**20 / nbytes))
+
+
+def copies_of(packed: CpuSparseWeight, pool_mib: int) -> list[CpuSparseWeight]:
+    """``packed`` and enough copies of it on huge pages to exceed the pool size."""
+    return [packed] + [
+        dataclasses.replace(packed, data=to_huge_pages(packed.data))
+        for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
+    ]
 
 
 def masked_weight(n: int, k: int, weight_sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -186,15 +197,20 @@ def bench_shape(
             lambda w=w: torch.ops.duogpt.cpu_dense16_linear(x[:1], w, None) for w in bf16
         ]
         bytes_read["dense bf16 ours"] = n * k * 2
+        # the dense weight in the sparse kernel's own layout (no bitmaps), every channel read
+        label = f"dense {VALUE_NAMES[value_dtype]} ours runs"
+        runs = pack_cpu_weight(dense, panel_rows=DEFAULT_PANEL_ROWS, value_dtype=value_dtype)
+        check_product(label, dense, runs, x[:1], 0.0)
+        kernels[label] = [
+            lambda p=p: cpu_dual_sparse_linear(x[:1], p, 0.0) for p in copies_of(runs, pool_mib)
+        ]
+        bytes_read[label] = n * k * 2
 
     for weight_sparsity, act_sparsity in SPARSITIES:
         weight = masked_weight(n, k, weight_sparsity, gen)
         for panel_rows in panel_sizes:
             packed = pack_cpu_weight(weight, panel_rows=panel_rows, value_dtype=value_dtype)
-            pool = [packed] + [
-                dataclasses.replace(packed, data=to_huge_pages(packed.data))
-                for _ in range(n_copies(packed.nbytes, pool_mib) - 1)
-            ]
+            pool = copies_of(packed, pool_mib)
             xs = [torch.randn(tokens, k, generator=gen) for _ in pool]
             taus = [threshold_for(xi, act_sparsity) for xi in xs]
             label = f"ours W{round(weight_sparsity * 100)}/X{round(act_sparsity * 100)}"
@@ -242,8 +258,9 @@ def print_table(rows: list[Row]) -> None:
         group = [r for r in rows if r.shape == shape]
         fp32 = min((r for r in group if r.kernel.startswith("dense fp32")), key=lambda r: r.seconds)
         fp32_min = min(r.best for r in group if r.kernel.startswith("dense fp32"))
-        best16 = min((r for r in group if "bf16" in r.kernel), key=lambda r: r.seconds)
-        best16_min = min(r.best for r in group if "bf16" in r.kernel)
+        dense16 = [r for r in group if r.kernel.startswith("dense") and "fp32" not in r.kernel]
+        best16 = min(dense16, key=lambda r: r.seconds)
+        best16_min = min(r.best for r in dense16)
         for r in group:
             print(
                 f"{r.shape:<11} {r.kernel:<{width}} {r.seconds * 1e3:7.3f} {r.best * 1e3:7.3f} "

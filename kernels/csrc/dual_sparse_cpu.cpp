@@ -78,6 +78,16 @@ constexpr int kGroupSeveralAvx512 = 6;
 // prefetcher, 17.7 / 21.9 / 20.5 GB/s at 4 / 16 / 64 KiB ahead (22.2 GB/s with the weights in
 // cache).
 constexpr int64_t kPrefetchAheadBytes = 16 * 1024;
+// Runs without bitmaps are also staged into L2 this far ahead (RunPrefetcher) when a sixteenth
+// of the channels or more are skipped. Their decode does little per byte, and with L1 prefetches
+// alone it waited on memory: a second cursor, prefetching into L2, keeps more lines in flight.
+// By hand, both versions behind a switch and timed call after call in one process, LLaMA-7B
+// shapes: W0/X50 bf16 took 20-25% less time on one thread and 0-20% less on two (fp16 20-22%
+// and 10%), W0/X25 13-26% and 8-17%, W0/X10 6-11% and 1-9%; with every channel active it cost
+// 2-8% on one thread (the runs are then one stream the hardware prefetcher follows), and with
+// bitmaps, whose decode does more per byte, the extra prefetches cost more than they saved
+// (W50/X50 13-17% slower on one thread, W70/X50 and 8 tokens slower on both).
+constexpr int64_t kL2AheadBytes = 64 * 1024;
 // Blocks between two reports of a pass's reads to its prefetcher: every block cost about 15% of
 // the in-cache speed, every 4th block 2048 x 4096 at 50% / 0% 372 vs 442 us, one thread.
 constexpr int64_t kReportBlocks = 4;
@@ -248,50 +258,28 @@ inline uint64_t take_bitmap(bool bitmaps, const uint16_t*& p) {
   return w;
 }
 
-// Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in
-// the order it reads them, kPrefetchAheadBytes ahead of its reads (the pass reports what it has
-// read every kReportBlocks blocks). The hardware prefetcher cannot: it stops at every skipped
-// run, and even with all runs active it left the pass waiting on memory.
-class RunPrefetcher {
+// Walks the bytes of a decode pass's active runs in the order the pass reads them, prefetching
+// each line it passes with the given locality (3: into L1, 2: into L2).
+template <int Locality>
+class RunCursor {
  public:
-  RunPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps)
+  RunCursor(const Layout& L, const ActiveSet& a, const Pass& ps)
       : L_(L), a_(a), ps_(ps), j_(ps.i0) {
     if (j_ < ps_.i1) start_run();
-    advance(kPrefetchAheadBytes);
   }
-  // The pass starts decoding a group of runs whose read positions are p.
-  template <int G>
-  inline void start_group(const uint16_t* const (&p)[G]) {
-    reported_ = read_position(p);
-  }
-  // The group has decoded block b of `blocks`: every kReportBlocks blocks and after the last,
-  // prefetch as many bytes as it has read since the last report.
-  template <int G>
-  inline void after_block(int64_t b, int64_t blocks, const uint16_t* const (&p)[G]) {
-    if ((b & (kReportBlocks - 1)) != kReportBlocks - 1 && b != blocks - 1) return;
-    const uintptr_t now = read_position(p);
-    advance(static_cast<int64_t>(now - reported_));
-    reported_ = now;
-  }
-
- private:
-  template <int G>
-  static uintptr_t read_position(const uint16_t* const (&p)[G]) {
-    uintptr_t sum = 0;
-    for (int g = 0; g < G; ++g) sum += reinterpret_cast<uintptr_t>(p[g]);
-    return sum;
-  }
-  // The pass has read `bytes` more: prefetch as many more.
+  // Prefetch `bytes` more.
   inline void advance(int64_t bytes) {
     budget_ += bytes;
     while (budget_ > 0 && j_ < ps_.i1) {
       const int64_t take = std::min<int64_t>(budget_, end_ - pos_);
       pos_ += take;
       budget_ -= take;
-      for (; next_line_ < pos_; next_line_ += 64) __builtin_prefetch(next_line_, 0, 3);
+      for (; next_line_ < pos_; next_line_ += 64) __builtin_prefetch(next_line_, 0, Locality);
       if (pos_ == end_ && ++j_ < ps_.i1) start_run();
     }
   }
+
+ private:
   static const char* line_of(const char* c) {
     return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(c) & ~uintptr_t{63});
   }
@@ -309,6 +297,49 @@ class RunPrefetcher {
   const char* end_ = nullptr;
   const char* next_line_ = nullptr;  // the first line not yet prefetched
   int64_t budget_ = 0;
+};
+
+// Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in
+// the order it reads them, kPrefetchAheadBytes ahead of its reads into L1 and, for runs without
+// bitmaps when a sixteenth of the channels or more are skipped, kL2AheadBytes ahead into L2 (the
+// pass reports what it has read every kReportBlocks blocks). The hardware prefetcher cannot: it
+// stops at every skipped run, and even with all runs active it left the pass waiting on memory.
+class RunPrefetcher {
+ public:
+  RunPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps)
+      : l1_(L, a, ps),
+        l2_(L, a, ps),
+        staged_(!L.bitmaps && 16 * static_cast<int64_t>(a.idx.size()) < 15 * L.K) {
+    l1_.advance(kPrefetchAheadBytes);
+    if (staged_) l2_.advance(kL2AheadBytes);
+  }
+  // The pass starts decoding a group of runs whose read positions are p.
+  template <int G>
+  inline void start_group(const uint16_t* const (&p)[G]) {
+    reported_ = read_position(p);
+  }
+  // The group has decoded block b of `blocks`: every kReportBlocks blocks and after the last,
+  // prefetch as many bytes as it has read since the last report.
+  template <int G>
+  inline void after_block(int64_t b, int64_t blocks, const uint16_t* const (&p)[G]) {
+    if ((b & (kReportBlocks - 1)) != kReportBlocks - 1 && b != blocks - 1) return;
+    const uintptr_t now = read_position(p);
+    const int64_t bytes = static_cast<int64_t>(now - reported_);
+    l1_.advance(bytes);
+    if (staged_) l2_.advance(bytes);
+    reported_ = now;
+  }
+
+ private:
+  template <int G>
+  static uintptr_t read_position(const uint16_t* const (&p)[G]) {
+    uintptr_t sum = 0;
+    for (int g = 0; g < G; ++g) sum += reinterpret_cast<uintptr_t>(p[g]);
+    return sum;
+  }
+  RunCursor<3> l1_;
+  RunCursor<2> l2_;
+  const bool staged_;
   uintptr_t reported_ = 0;  // the group's read positions, summed, when last reported
 };
 
@@ -996,6 +1027,14 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
 // lm_head of a 16-bit checkpoint), streamed at memory speed: with AVX-512 once whatever the
 // token count, with AVX2 once per token.
 
+// Each row is prefetched this many values ahead of its reads (past its end: the same row of the
+// next group). Without it, four rows read side by side left one thread at 20-27 GB/s on the
+// LLaMA-7B shapes (two threads: 33-42); 256 / 512 / 768 / 1024 / 1536 values ahead gave 26-27 /
+// 30-31 / 32-33 / 31-32 / 29-30 GB/s on one thread, and 768 gave 38-43 on two; the AVX2 loop
+// gained alike (one thread 18-22 -> 30-32 GB/s). By hand: the variants behind a switch, timed
+// call after call in one process.
+constexpr int64_t kDense16AheadValues = 768;
+
 #ifdef DUOGPT_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -1029,6 +1068,12 @@ void dense16_rows(const uint16_t* W, const float* x, float* y, int64_t K, int64_
     __m256 s[4][2];
     for (int r = 0; r < 4; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k16; k += 16) {
+      if ((k & 31) == 0) {  // one prefetch per 64-byte line of each row
+        const int64_t ahead = k + kDense16AheadValues;
+        for (int r = 0; r < 4; ++r) {
+          __builtin_prefetch(ahead < K ? row + r * K + ahead : row + (4 + r) * K + ahead - K, 0, 3);
+        }
+      }
       const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
       for (int r = 0; r < 4; ++r) {
         s[r][0] = _mm256_fmadd_ps(load8_as_float<KIND>(row + r * K + k), x0, s[r][0]);
@@ -1074,6 +1119,13 @@ inline void dense16_tile(const uint16_t* W, const float* X, float* Y, int64_t K,
     for (int t = 0; t < T; ++t) s[r][t] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k16; k += 16) {
     __m512 w[R];
+    if ((k & 31) == 0) {  // one prefetch per 64-byte line of each row
+      const int64_t ahead = k + kDense16AheadValues;
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(ahead < K ? W + (n0 + r) * K + ahead : W + (n0 + R + r) * K + ahead - K,
+                           0, 3);
+      }
+    }
     for (int r = 0; r < R; ++r) w[r] = load16_as_float<KIND>(W + (n0 + r) * K + k);
     for (int t = 0; t < T; ++t) {
       const __m512 x = _mm512_loadu_ps(X + (m0 + t) * K + k);
