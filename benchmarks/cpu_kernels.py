@@ -179,22 +179,30 @@ def bench_shape(
     kernels: dict[str, list[Callable[[], object]]] = {}
     bytes_read: dict[str, float] = {}
 
-    fp32 = [to_huge_pages(dense) for _ in range(n_copies(n * k * 4, pool_mib))]
+    # every row reads copies of its own: reading the bytes the row before it has just pulled into
+    # the last-level cache would time the cache, not the memory
+    def dense_copies(dtype: torch.dtype) -> list[torch.Tensor]:
+        count = n_copies(n * k * dtype.itemsize, pool_mib)
+        return [to_huge_pages(dense, dtype) for _ in range(count)]
+
+    fp32 = dense_copies(torch.float32)
     kernels["dense fp32 torch"] = [
         lambda w=w: torch.matmul(x, w.t()) if tokens > 1 else torch.mv(w, x1) for w in fp32
     ]
     bytes_read["dense fp32 torch"] = n * k * 4
-    bf16 = [to_huge_pages(dense, torch.bfloat16) for _ in range(n_copies(n * k * 2, pool_mib))]
-    kernels["dense bf16 torch"] = [lambda w=w: torch.matmul(xb, w.t()) for w in bf16]
+    kernels["dense bf16 torch"] = [
+        lambda w=w: torch.matmul(xb, w.t()) for w in dense_copies(torch.bfloat16)
+    ]
     bytes_read["dense bf16 torch"] = n * k * 2
     if tokens > 1:
-        label, calls = onednn_fp32(fp32, x)
+        label, calls = onednn_fp32(dense_copies(torch.float32), x)
         if calls:
             kernels[label] = calls
             bytes_read[label] = n * k * 4
     if tokens == 1:
         kernels["dense bf16 ours"] = [
-            lambda w=w: torch.ops.duogpt.cpu_dense16_linear(x[:1], w, None) for w in bf16
+            lambda w=w: torch.ops.duogpt.cpu_dense16_linear(x[:1], w, None)
+            for w in dense_copies(torch.bfloat16)
         ]
         bytes_read["dense bf16 ours"] = n * k * 2
         # the dense weight in the sparse kernel's own layout (no bitmaps), every channel read
