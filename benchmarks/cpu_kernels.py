@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from read_ceiling import RangeReader, decode_ranges
+from read_ceiling import RangeReader, active_channels, decode_ranges, l2_stage_bytes
 
 from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
 from vllm_duogpt.kernels.cpu_layout import DEFAULT_PANEL_ROWS, CpuSparseWeight, pack_cpu_weight
@@ -120,7 +120,7 @@ def threshold_for(x: torch.Tensor, act_sparsity: float) -> float:
 
 def bytes_touched(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> float:
     """Bytes of the runs the decode kernel reads for the active channels of ``x``."""
-    active = ((x.abs() >= tau) & (x != 0)).any(0)
+    active = active_channels(x, tau)
     return float(packed.run_lengths()[:, active].sum()) * 2
 
 
@@ -239,7 +239,11 @@ def bench_shape(
                     dataclasses.replace(packed, data=to_huge_pages(packed.data)) for _ in pool
                 ]
                 kernels[ceiling] = [
-                    reader.reader(decode_ranges(c, xi, tau, threads), keep=c.data)
+                    reader.reader(
+                        decode_ranges(c, xi, tau, threads),
+                        keep=c.data,
+                        l2_ahead=l2_stage_bytes(c, xi, tau),
+                    )
                     for c, xi, tau in zip(copies, xs, taus, strict=True)
                 ]
                 bytes_read[ceiling] = bytes_read[label]

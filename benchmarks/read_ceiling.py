@@ -23,6 +23,7 @@ from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight
 
 SOURCE = Path(__file__).with_name("read_ranges.cpp")
 PREFETCH_AHEAD_BYTES = 16 * 1024  # kPrefetchAheadBytes of the kernel
+L2_AHEAD_BYTES = 64 * 1024  # kL2AheadBytes of the kernel
 MIN_SLICE_CHANNELS = 16  # kMinSliceChannels of the kernel
 
 
@@ -44,7 +45,10 @@ class RangeReader:
         )
 
     def reader(
-        self, ranges: list[tuple[torch.Tensor, torch.Tensor]], keep: torch.Tensor
+        self,
+        ranges: list[tuple[torch.Tensor, torch.Tensor]],
+        keep: torch.Tensor,
+        l2_ahead: int = 0,
     ) -> Callable[[], int]:
         """A call that reads every thread's ranges at once and returns a checksum.
 
@@ -52,6 +56,7 @@ class RangeReader:
             ranges: per thread, ``(starts, ends)``: int64 byte addresses of its ranges, in the
                 order it reads them; at most ``torch.get_num_threads()`` threads when called.
             keep: the tensor that holds those bytes: the call keeps it alive.
+            l2_ahead: bytes a second prefetch runs ahead into L2 (``l2_stage_bytes``), 0 for none.
         """
         starts = torch.cat([s for s, _ in ranges])
         ends = torch.cat([e for _, e in ranges])
@@ -59,8 +64,23 @@ class RangeReader:
         thread_first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         module = self._module
         return lambda: (
-            keep.data_ptr() and module.read_ranges(starts, ends, thread_first, PREFETCH_AHEAD_BYTES)
+            keep.data_ptr()
+            and module.read_ranges(starts, ends, thread_first, PREFETCH_AHEAD_BYTES, l2_ahead)
         )
+
+
+def l2_stage_bytes(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> int:
+    """How far ahead the kernel also stages a batch-1 call's runs into L2 (``RunPrefetcher``):
+    runs without bitmaps when a sixteenth of the channels or more are skipped, else not at all."""
+    n_active = int(active_channels(x, tau).sum())
+    skipping = 16 * n_active <= 15 * packed.in_features
+    return L2_AHEAD_BYTES if not packed.bitmaps and skipping else 0
+
+
+def active_channels(x: torch.Tensor, tau: float) -> torch.Tensor:
+    """``[K]`` bool: the channels a decode call of ``x`` (``[M, K]``) reads, those where any
+    token's activation is nonzero and not below ``tau``."""
+    return ((x.abs() >= tau) & (x != 0)).any(0)
 
 
 def decode_ranges(
@@ -77,7 +97,7 @@ def decode_ranges(
     Returns:
         Per thread slice, ``(starts, ends)`` byte addresses of its runs.
     """
-    active = ((x.abs() >= tau) & (x != 0)).any(0).nonzero().flatten()
+    active = active_channels(x, tau).nonzero().flatten()
     n_slice = min(max(len(active) // MIN_SLICE_CHANNELS, 1), threads)
     panel_first = torch.arange(packed.n_panels)[:, None] * packed.in_features
     base, width = packed.data.data_ptr(), packed.data.element_size()

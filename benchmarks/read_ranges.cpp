@@ -1,7 +1,8 @@
 // Reads lists of byte ranges and does nothing else: the time any kernel needs just to bring
 // those bytes in from memory. Each thread walks its own ranges in order with the software
 // prefetch of the CPU decode kernel (kernels/csrc/dual_sparse_cpu.cpp, RunPrefetcher): every
-// 64-byte line of the ranges ahead, in read order, a fixed number of bytes ahead of the reads.
+// 64-byte line of the ranges ahead, in read order, a fixed number of bytes ahead of the reads
+// into L1, and where the kernel stages runs into L2 too, a second cursor further ahead into L2.
 // One 8-byte load per line is enough to bring the line in; the sum keeps the loads. Driven by
 // read_ceiling.py.
 
@@ -18,13 +19,37 @@ const char* line_of(uintptr_t address) {
   return reinterpret_cast<const char*>(address & ~uintptr_t{63});
 }
 
-// Ranges [first, last) of starts / ends (byte addresses), ahead bytes of prefetch.
+// Walks ranges [range, last) line by line, prefetching with the given locality (3: into L1,
+// 2: into L2).
+template <int Locality>
+struct Cursor {
+  const int64_t* starts;
+  const int64_t* ends;
+  int64_t range, last;
+  const char* line;
+  Cursor(const int64_t* s, const int64_t* e, int64_t first, int64_t last_)
+      : starts(s), ends(e), range(first), last(last_),
+        line(first < last_ ? line_of(s[first]) : nullptr) {}
+  // Prefetch one more line, if any is left.
+  bool step() {
+    if (range >= last) return false;
+    __builtin_prefetch(line, 0, Locality);
+    line += 64;
+    if (line >= reinterpret_cast<const char*>(ends[range]) && ++range < last) {
+      line = std::max(line, line_of(starts[range]));
+    }
+    return true;
+  }
+};
+
+// Ranges [first, last) of starts / ends (byte addresses), prefetched ahead bytes into L1 and,
+// when l2_ahead > 0, l2_ahead bytes into L2.
 uint64_t read_in_order(const int64_t* starts, const int64_t* ends, int64_t first, int64_t last,
-                       int64_t ahead) {
+                       int64_t ahead, int64_t l2_ahead) {
   uint64_t sum = 0;
-  int64_t pf_range = first;  // the prefetch cursor: range, and its next line
-  const char* pf_line = first < last ? line_of(starts[first]) : nullptr;
-  int64_t lead = 0;  // bytes prefetched minus bytes read
+  Cursor<3> l1(starts, ends, first, last);
+  Cursor<2> l2(starts, ends, first, last);
+  int64_t lead = 0, l2_lead = 0;  // bytes prefetched minus bytes read
   for (int64_t r = first; r < last; ++r) {
     const char* end = reinterpret_cast<const char*>(ends[r]);
     for (const char* line = line_of(starts[r]); line < end; line += 64) {
@@ -32,23 +57,19 @@ uint64_t read_in_order(const int64_t* starts, const int64_t* ends, int64_t first
       std::memcpy(&word, line, 8);
       sum += word;
       lead -= 64;
-      while (lead < ahead && pf_range < last) {
-        __builtin_prefetch(pf_line, 0, 3);
-        lead += 64;
-        pf_line += 64;
-        if (pf_line >= reinterpret_cast<const char*>(ends[pf_range]) && ++pf_range < last) {
-          pf_line = std::max(pf_line, line_of(starts[pf_range]));
-        }
-      }
+      while (lead < ahead && l1.step()) lead += 64;
+      l2_lead -= 64;
+      while (l2_lead < l2_ahead && l2.step()) l2_lead += 64;
     }
   }
   return sum;
 }
 
 // starts, ends: [n] int64 byte addresses; thread_first: [T + 1] int64, thread t reads ranges
-// [thread_first[t], thread_first[t + 1]). Returns the sum of the words read.
+// [thread_first[t], thread_first[t + 1]); ahead, l2_ahead: prefetch distances in bytes (0: no
+// L2 stage). Returns the sum of the words read.
 int64_t read_ranges(const at::Tensor& starts, const at::Tensor& ends,
-                    const at::Tensor& thread_first, int64_t ahead) {
+                    const at::Tensor& thread_first, int64_t ahead, int64_t l2_ahead) {
   TORCH_CHECK(starts.dtype() == at::kLong && ends.dtype() == at::kLong &&
                   thread_first.dtype() == at::kLong,
               "read_ranges: int64 tensors expected");
@@ -63,7 +84,7 @@ int64_t read_ranges(const at::Tensor& starts, const at::Tensor& ends,
               "read_ranges: 1 to get_num_threads() thread slices within the ranges expected");
   std::vector<uint64_t> sums(threads, 0);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) sums[t] = read_in_order(s, e, tf[t], tf[t + 1], ahead);
+    for (int64_t t = t0; t < t1; ++t) sums[t] = read_in_order(s, e, tf[t], tf[t + 1], ahead, l2_ahead);
   });
   uint64_t total = 0;
   for (uint64_t v : sums) total += v;

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from read_ceiling import MIN_SLICE_CHANNELS, RangeReader, decode_ranges
+from read_ceiling import (
+    L2_AHEAD_BYTES,
+    MIN_SLICE_CHANNELS,
+    RangeReader,
+    decode_ranges,
+    l2_stage_bytes,
+)
 
 from vllm_duogpt.kernels.cpu_layout import pack_cpu_weight
 
@@ -56,7 +62,8 @@ def test_decode_ranges_are_the_active_runs_in_kernel_order(threads: int) -> None
         assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == runs
 
 
-def test_reader_reads_every_line_of_every_range() -> None:
+@pytest.mark.parametrize("l2_ahead", [0, 128, 1 << 20])
+def test_reader_reads_every_line_of_every_range(l2_ahead: int) -> None:
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(1)
     buffer = torch.randint(0, 2**40, (4096,), generator=gen, dtype=torch.int64)  # 32 KiB
@@ -70,7 +77,7 @@ def test_reader_reads_every_line_of_every_range() -> None:
         (torch.tensor([base + a for a, _ in rs]), torch.tensor([base + b for _, b in rs]))
         for rs in per_thread
     ]
-    checksum = RangeReader().reader(ranges, keep=buffer)()
+    checksum = RangeReader().reader(ranges, keep=buffer, l2_ahead=l2_ahead)()
 
     words = buffer.view(-1, 8)[:, 0]  # the first 8 bytes of each 64-byte line
     want = torch.zeros((), dtype=torch.int64)
@@ -78,3 +85,18 @@ def test_reader_reads_every_line_of_every_range() -> None:
         for a, b in rs:
             want += words[a // 64 : -(-b // 64)].sum()
     assert checksum == int(want)
+
+
+def test_l2_stage_follows_the_kernel_rule() -> None:
+    """Staged into L2: runs without bitmaps when at least a sixteenth of the channels is
+    skipped; never runs with bitmaps."""
+    dense = pack_cpu_weight(torch.randn(128, 64), panel_rows=128)
+    sparse = packed_weight(128, 64, panel_rows=128)
+    assert not dense.bitmaps and sparse.bitmaps
+    x = torch.ones(1, 64)
+    assert l2_stage_bytes(dense, x, 0.5) == 0  # every channel active
+    x[0, :3] = 0.0  # 61 of 64 active: fewer than a sixteenth skipped
+    assert l2_stage_bytes(dense, x, 0.5) == 0
+    x[0, 3] = 0.1  # 60 of 64: a sixteenth skipped
+    assert l2_stage_bytes(dense, x, 0.5) == L2_AHEAD_BYTES
+    assert l2_stage_bytes(sparse, x, 0.5) == 0

@@ -309,7 +309,7 @@ class RunPrefetcher {
   RunPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps)
       : l1_(L, a, ps),
         l2_(L, a, ps),
-        staged_(!L.bitmaps && 16 * static_cast<int64_t>(a.idx.size()) < 15 * L.K) {
+        staged_(!L.bitmaps && 16 * static_cast<int64_t>(a.idx.size()) <= 15 * L.K) {
     l1_.advance(kPrefetchAheadBytes);
     if (staged_) l2_.advance(kL2AheadBytes);
   }
