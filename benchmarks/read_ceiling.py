@@ -22,7 +22,7 @@ from vllm_duogpt.kernels.cpu_kernel import cache_dir
 from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight
 
 SOURCE = Path(__file__).with_name("read_ranges.cpp")
-PREFETCH_AHEAD_BYTES = 16 * 1024  # kPrefetchAheadBytes of the kernel
+PREFETCH_AHEAD_BYTES = 32 * 1024  # kPrefetchAheadBytes of the kernel
 L2_AHEAD_BYTES = 64 * 1024  # kL2AheadBytes of the kernel
 MIN_SLICE_CHANNELS = 16  # kMinSliceChannels of the kernel
 
