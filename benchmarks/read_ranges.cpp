@@ -84,7 +84,9 @@ int64_t read_ranges(const at::Tensor& starts, const at::Tensor& ends,
               "read_ranges: 1 to get_num_threads() thread slices within the ranges expected");
   std::vector<uint64_t> sums(threads, 0);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) sums[t] = read_in_order(s, e, tf[t], tf[t + 1], ahead, l2_ahead);
+    for (int64_t t = t0; t < t1; ++t) {
+      sums[t] = read_in_order(s, e, tf[t], tf[t + 1], ahead, l2_ahead);
+    }
   });
   uint64_t total = 0;
   for (uint64_t v : sums) total += v;

@@ -1039,6 +1039,16 @@ at::Tensor cpu_dual_sparse_linear(const at::Tensor& x, const at::Tensor& data,
 // call after call in one process.
 constexpr int64_t kDense16AheadValues = 768;
 
+// Prefetches, for column k of the R rows starting at `rows` (a [*, K] weight), the line
+// kDense16AheadValues ahead in each row (past a row's end: the same row of the next R). Called
+// once per 32 columns: one prefetch per 64-byte line of each row.
+inline void prefetch_rows_ahead(const uint16_t* rows, int R, int64_t K, int64_t k) {
+  const int64_t ahead = k + kDense16AheadValues;
+  for (int r = 0; r < R; ++r) {
+    __builtin_prefetch(ahead < K ? rows + r * K + ahead : rows + (R + r) * K + ahead - K, 0, 3);
+  }
+}
+
 #ifdef DUOGPT_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -1072,12 +1082,7 @@ void dense16_rows(const uint16_t* W, const float* x, float* y, int64_t K, int64_
     __m256 s[4][2];
     for (int r = 0; r < 4; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k16; k += 16) {
-      if ((k & 31) == 0) {  // one prefetch per 64-byte line of each row
-        const int64_t ahead = k + kDense16AheadValues;
-        for (int r = 0; r < 4; ++r) {
-          __builtin_prefetch(ahead < K ? row + r * K + ahead : row + (4 + r) * K + ahead - K, 0, 3);
-        }
-      }
+      if ((k & 31) == 0) prefetch_rows_ahead(row, 4, K, k);
       const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
       for (int r = 0; r < 4; ++r) {
         s[r][0] = _mm256_fmadd_ps(load8_as_float<KIND>(row + r * K + k), x0, s[r][0]);
@@ -1123,13 +1128,7 @@ inline void dense16_tile(const uint16_t* W, const float* X, float* Y, int64_t K,
     for (int t = 0; t < T; ++t) s[r][t] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k16; k += 16) {
     __m512 w[R];
-    if ((k & 31) == 0) {  // one prefetch per 64-byte line of each row
-      const int64_t ahead = k + kDense16AheadValues;
-      for (int r = 0; r < R; ++r) {
-        __builtin_prefetch(ahead < K ? W + (n0 + r) * K + ahead : W + (n0 + R + r) * K + ahead - K,
-                           0, 3);
-      }
-    }
+    if ((k & 31) == 0) prefetch_rows_ahead(W + n0 * K, R, K, k);
     for (int r = 0; r < R; ++r) w[r] = load16_as_float<KIND>(W + (n0 + r) * K + k);
     for (int t = 0; t < T; ++t) {
       const __m512 x = _mm512_loadu_ps(X + (m0 + t) * K + k);
