@@ -115,6 +115,25 @@ def test_round_trip_is_exact(name: str, panel_rows: int, segment_rows: int) -> N
         assert torch.equal(unpack_cpu_weight(packed), weight)
 
 
+def test_layout_words_by_hand() -> None:
+    # one channel of 192 rows: segments of two blocks (128 rows), so segment 0 holds blocks 0-1
+    # and segment 1 block 2 alone; kept rows 0 | 65, 127 | 131, each worth its row number + 1
+    weight = torch.zeros(192, 1)
+    for row in (0, 65, 127, 131):
+        weight[row, 0] = row + 1
+    packed = pack_cpu_weight(weight, panel_rows=256, segment_rows=128)
+
+    def bf16(v: float) -> int:
+        return int(torch.tensor(v).bfloat16().view(torch.int16))
+
+    # each block: its bitmap (4 words, row r of the block is bit r), then its kept values
+    expected = [1, 0, 0, 0, bf16(1), 2, 0, 0, -(2**15), bf16(66), bf16(128)]  # segment 0
+    expected += [8, 0, 0, 0, bf16(132)]  # segment 1
+    assert packed.offsets.tolist() == [0, 11, 16]
+    assert packed.data[:16].tolist() == expected
+    assert torch.equal(unpack_cpu_weight(packed), weight.bfloat16())
+
+
 def test_value_dtype_choice() -> None:
     weight = torch.randn(8, 8)
     assert choose_value_dtype(weight) == torch.bfloat16
