@@ -29,6 +29,7 @@ Usage::
     python benchmarks/cpu_kernels.py --tokens 4 --shapes 4096x4096
     python benchmarks/cpu_kernels.py --tokens 8 --values fp16 --shapes 2048x5632
     python benchmarks/cpu_kernels.py --threads 2 --panel-rows 2048,4096
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/cpu_kernels.py --isa avx2
     python benchmarks/cpu_kernels.py --threads 1 --tokens 512 --repeats 5 \
         --shapes 6144x2048 2048x5632
 """
@@ -46,7 +47,12 @@ from dataclasses import dataclass
 import torch
 from read_ceiling import RangeReader, active_channels, decode_ranges, l2_stage_bytes
 
-from vllm_duogpt.kernels.cpu_kernel import cpu_dual_sparse_linear, cpu_kernel_available
+from vllm_duogpt.kernels.cpu_kernel import (
+    ISA_LEVELS,
+    cap_cpu_kernel_isa,
+    cpu_dual_sparse_linear,
+    cpu_kernel_available,
+)
 from vllm_duogpt.kernels.cpu_layout import DEFAULT_PANEL_ROWS, CpuSparseWeight, pack_cpu_weight
 from vllm_duogpt.kernels.huge_pages import to_huge_pages
 from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
@@ -298,6 +304,12 @@ def main() -> None:
         help="16-bit type of the packed values (a checkpoint's own type: fp16 widens slower)",
     )
     parser.add_argument(
+        "--isa",
+        choices=list(ISA_LEVELS),
+        help="our kernels' code path (default: the best this CPU has); torch's own kernels "
+        "follow ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA",
+    )
+    parser.add_argument(
         "--panel-rows",
         default=str(DEFAULT_PANEL_ROWS),
         help="CPU layout panel sizes to time side by side, comma list of multiples of 64",
@@ -311,6 +323,11 @@ def main() -> None:
     ok, reason = cpu_kernel_available()
     if not ok:
         raise SystemExit(reason)
+    if args.isa:
+        try:
+            reason = cap_cpu_kernel_isa(args.isa)
+        except ValueError as exc:
+            parser.error(str(exc))
     shapes = (
         [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         if args.shapes

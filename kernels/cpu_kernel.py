@@ -35,7 +35,9 @@ from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight, pack_cpu_weight, unp
 from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 
 __all__ = [
+    "ISA_LEVELS",
     "CpuSparseWeight",
+    "cap_cpu_kernel_isa",
     "cpu_dense16_linear",
     "cpu_dual_sparse_linear",
     "cpu_kernel_available",
@@ -50,6 +52,9 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "dual_sparse_cpu.cpp"
 # header template that only spawns threads when the including file is compiled with it.
 CFLAGS = ["-O3", "-fopenmp", "-Wno-unused-function"]
 LDFLAGS = ["-fopenmp"]
+
+# The kernel's code paths, each the next one's fallback (cpu_kernel_config's ISA levels).
+ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
 
 _lock = threading.Lock()
 _status: tuple[bool, str] | None = None
@@ -136,6 +141,31 @@ def cpu_kernel_available() -> tuple[bool, str]:
             except Exception as exc:  # no compiler, no headers, read-only cache, ...
                 _status = (False, f"CPU kernel build failed: {type(exc).__name__}: {exc}")
     return _status
+
+
+def cap_cpu_kernel_isa(isa: str) -> str:
+    """Make the CPU kernels run their ``isa`` code path from now on, in this process: to time or
+    test the paths below the best one this CPU has (``avx512`` restores the default).
+
+    Args:
+        isa: a name in ``ISA_LEVELS``.
+
+    Returns:
+        The kernel's configuration line, as ``cpu_kernel_available`` gives it.
+
+    Raises:
+        ValueError: on an unknown name, or a path this CPU cannot run.
+        RuntimeError: when the kernel is not available.
+    """
+    if isa not in ISA_LEVELS:
+        raise ValueError(f"unknown ISA {isa!r}; expected one of {', '.join(ISA_LEVELS)}")
+    ok, reason = cpu_kernel_available()
+    if not ok:
+        raise RuntimeError(reason)
+    config = torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], -1)
+    if not config.startswith(f"isa={isa} "):
+        raise ValueError(f"this CPU cannot run the {isa} path: {config}")
+    return config
 
 
 # x: [..., K] float; packed: [N, K] in the CPU layout; bias: [N] or None

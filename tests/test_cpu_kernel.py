@@ -22,6 +22,8 @@ import torch
 
 from vllm_duogpt.kernels import cpu_kernel
 from vllm_duogpt.kernels.cpu_kernel import (
+    ISA_LEVELS,
+    cap_cpu_kernel_isa,
     cpu_dense16_linear,
     cpu_dual_sparse_linear,
     cpu_kernel_available,
@@ -47,7 +49,6 @@ WEIGHT_CASES = {0.0: torch.bfloat16, 0.5: torch.float32, 0.7: torch.float16}
 ACT_SPARSITY = (0.0, 0.5, 0.9, 1.0)
 TOKENS = (1, 3, 64)
 THREADS = (1, 2)
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 TOLERANCE = 2e-6  # fp32 accumulation in another order than the reference's
 
 AVAILABLE, REASON = cpu_kernel_available()
@@ -97,7 +98,7 @@ def kernel_config() -> Iterator[None]:
 
 def supported_isas() -> list[str]:
     detected = cpu_kernel_available()[1].split("detected=")[1].split()[0] if AVAILABLE else ""
-    return [name for name, level in ISAS.items() if level <= ISAS.get(detected, 0)]
+    return [name for name, level in ISA_LEVELS.items() if level <= ISA_LEVELS.get(detected, 0)]
 
 
 # ---------------------------------------------------------------- layout
@@ -193,13 +194,25 @@ def test_pack_rejects_bad_input(weight_sparsity: float) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_isa_cap_names_the_path_it_runs(kernel_config) -> None:
+    for isa in supported_isas():
+        assert cap_cpu_kernel_isa(isa).startswith(f"isa={isa} ")
+    with pytest.raises(ValueError, match="unknown ISA 'sse2'"):
+        cap_cpu_kernel_isa("sse2")
+    missing = [isa for isa in ISA_LEVELS if isa not in supported_isas()]
+    for isa in missing:  # a path above this CPU's: refused, not silently run lower
+        with pytest.raises(ValueError, match=f"cannot run the {isa} path"):
+            cap_cpu_kernel_isa(isa)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", list(ISA_LEVELS))
 @pytest.mark.parametrize("weight_sparsity", list(WEIGHT_CASES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_matches_reference(name: str, weight_sparsity: float, isa: str, kernel_config) -> None:
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
-    torch.ops.duogpt.cpu_kernel_config(ISAS[isa], -1)
+    cap_cpu_kernel_isa(isa)
     packed, weight = packed_case(name, weight_sparsity)
     assert packed.bitmaps == (weight_sparsity > 0)
     n, k = SHAPES[name]
@@ -237,14 +250,14 @@ def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", list(ISA_LEVELS))
 def test_prefill_walks_the_slices_of_large_panels(isa: str, kernel_config) -> None:
     """Prefill multiplies 256-row slices: panels of 640 rows take three (256, 256, 128), each
     channel's cursor carrying on where the last slice stopped, and a last panel of 60 rows takes
     a partial one."""
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
-    torch.ops.duogpt.cpu_kernel_config(ISAS[isa], 0)
+    torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], 0)
     weight = masked_weight(700, 300, 0.5, seed=5)
     packed = pack_cpu_weight(weight, panel_rows=640)
     weight = unpack_cpu_weight(packed).float()
@@ -352,7 +365,7 @@ def test_op_traces_under_torch_compile() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", list(ISA_LEVELS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dense16_linear_matches_torch(dtype: torch.dtype, isa: str, kernel_config) -> None:
     """The dense 16-bit product (benchmark baseline, 16-bit lm_head) against torch in fp32.
@@ -362,7 +375,7 @@ def test_dense16_linear_matches_torch(dtype: torch.dtype, isa: str, kernel_confi
     """
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
-    torch.ops.duogpt.cpu_kernel_config(ISAS[isa], -1)
+    cap_cpu_kernel_isa(isa)
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(37, 1001, generator=gen).to(dtype)
     bias = torch.randn(37, generator=gen)
