@@ -145,7 +145,8 @@ def cpu_kernel_available() -> tuple[bool, str]:
 
 def cap_cpu_kernel_isa(isa: str) -> str:
     """Make the CPU kernels run their ``isa`` code path from now on, in this process: to time or
-    test the paths below the best one this CPU has (``avx512`` restores the default).
+    test the paths below the best one this CPU has (which is the default, and which naming it
+    again restores).
 
     Args:
         isa: a name in ``ISA_LEVELS``.
