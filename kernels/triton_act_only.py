@@ -26,6 +26,7 @@ from vllm_duogpt.kernels.triton_common import (
     SEMAPHORE_SLOTS,
     interpreting,
     kernel_interpreted,
+    kernel_unavailable_reason,
     next_pow2,
     require_triton,
     shape_bucket,
@@ -35,9 +36,6 @@ from vllm_duogpt.kernels.triton_common import (
     tl,
     triton,
     tuning_bench,
-)
-from vllm_duogpt.kernels.triton_common import (
-    unavailable_reason as _triton_unavailable_reason,
 )
 
 MAX_ACT_ONLY_TOKENS = 16
@@ -180,9 +178,7 @@ _INTERPRETED = kernel_interpreted(_act_only_kernel)
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why this kernel cannot run on ``device`` with activations of ``dtype``, or None."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {dtype} is not one of float16, bfloat16, float32"
-    return _triton_unavailable_reason(device, _INTERPRETED)
+    return kernel_unavailable_reason(device, dtype, _INTERPRETED)
 
 
 # x: [M, K] fp16/bf16/fp32 with M <= 16; weight_t: [K, N] x.dtype (W^T, rows contiguous);

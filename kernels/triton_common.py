@@ -86,6 +86,21 @@ def unavailable_reason(device: torch.device, interpreted: bool) -> str | None:
     return None
 
 
+def kernel_unavailable_reason(
+    device: torch.device, dtype: torch.dtype, interpreted: bool
+) -> str | None:
+    """Why a Triton kernel cannot run on ``device`` with activations of ``dtype``, or None.
+
+    Args:
+        device: where the tensors live.
+        dtype: the activations' dtype (float16, bfloat16 or float32).
+        interpreted: ``kernel_interpreted`` of the kernel to launch.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not one of float16, bfloat16, float32"
+    return unavailable_reason(device, interpreted)
+
+
 def require_triton(device: torch.device, interpreted: bool) -> None:
     """Raise with the reason when a Triton kernel cannot run on ``device``."""
     reason = unavailable_reason(device, interpreted)

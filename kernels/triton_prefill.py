@@ -37,6 +37,7 @@ from vllm_duogpt.kernels.triton_common import (
     density_bin,
     interpreting,
     kernel_interpreted,
+    kernel_unavailable_reason,
     popcount32,
     require_triton,
     shape_bucket,
@@ -47,9 +48,6 @@ from vllm_duogpt.kernels.triton_common import (
     triton,
     tuning_bench,
     use_ptx_popc,
-)
-from vllm_duogpt.kernels.triton_common import (
-    unavailable_reason as _triton_unavailable_reason,
 )
 from vllm_duogpt.kernels.triton_unpack import triton_unpack_transposed
 
@@ -219,9 +217,7 @@ _INTERPRETED = kernel_interpreted(_dual_sparse_prefill_kernel)
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why this kernel cannot run on ``device`` with activations of ``dtype``, or None."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {dtype} is not one of float16, bfloat16, float32"
-    return _triton_unavailable_reason(device, _INTERPRETED)
+    return kernel_unavailable_reason(device, dtype, _INTERPRETED)
 
 
 # x: [M, K] fp16/bf16/fp32; values: [nnz + 1] x.dtype; bitmap: [T, K, tile_n / 32] int32;

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_duogpt.kernels import triton_linear
+from vllm_duogpt.kernels import triton_act_only, triton_decode, triton_linear, triton_prefill
 from vllm_duogpt.kernels.gpu_layout import pack_gpu_weight
 from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 from vllm_duogpt.kernels.triton_decode import MAX_DECODE_TOKENS
@@ -39,3 +39,10 @@ def test_dispatch_matches_reference(tokens):
 
 def test_not_available_on_cpu_device():
     assert "not a CUDA GPU" in triton_linear.unavailable_reason(torch.device("cpu"), torch.half)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64])
+def test_activation_dtype_is_refused_by_name(dtype):
+    for kernel in (triton_act_only, triton_decode, triton_prefill):
+        reason = kernel.unavailable_reason(torch.device("cuda"), dtype)
+        assert reason == f"dtype {dtype} is not one of float16, bfloat16, float32"
