@@ -101,6 +101,30 @@ def kernel_unavailable_reason(
     return unavailable_reason(device, interpreted)
 
 
+def check_sparse_layout_args(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bitmap: torch.Tensor,
+    offsets: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+) -> tuple[int, int, int, int]:
+    """Assert that a dual-sparse product's activations, ``GpuSparseWeight`` tensors, output size
+    and bias fit together; return ``(M, K, tiles, words)``: tokens, input features, the
+    layout's row tiles and bitmap words a tile."""
+    m, k = x.shape
+    num_tiles, k_w, words = bitmap.shape
+    assert k_w == k and offsets.shape == (num_tiles, k), f"layout {tuple(bitmap.shape)} vs K={k}"
+    assert num_tiles * words * 32 >= n > (num_tiles - 1) * words * 32, f"N={n} vs {num_tiles} tiles"
+    assert words & (words - 1) == 0, f"tile_n / 32 = {words} must be a power of two"
+    assert values.dtype == x.dtype, f"values {values.dtype} vs x {x.dtype}"
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"dtype {x.dtype}"
+    assert bitmap.dtype == offsets.dtype == torch.int32, "bitmap and offsets must be int32"
+    assert values.is_contiguous() and bitmap.is_contiguous() and offsets.is_contiguous()
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]"
+    return m, k, num_tiles, words
+
+
 def require_triton(device: torch.device, interpreted: bool) -> None:
     """Raise with the reason when a Triton kernel cannot run on ``device``."""
     reason = unavailable_reason(device, interpreted)

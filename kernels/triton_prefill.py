@@ -34,6 +34,7 @@ from vllm_duogpt.kernels.gpu_layout import GpuSparseWeight
 from vllm_duogpt.kernels.reference import sparsify_activations
 from vllm_duogpt.kernels.triton_common import (
     SEMAPHORE_SLOTS,
+    check_sparse_layout_args,
     density_bin,
     interpreting,
     kernel_interpreted,
@@ -248,16 +249,7 @@ def triton_dual_sparse_prefill(
         ``[M, N]`` output in ``x``'s dtype.
     """
     require_triton(x.device, _INTERPRETED)
-    m, k = x.shape
-    num_tiles, k_w, words = bitmap.shape
-    assert k_w == k and offsets.shape == (num_tiles, k), f"layout {tuple(bitmap.shape)} vs K={k}"
-    assert num_tiles * words * 32 >= n > (num_tiles - 1) * words * 32, f"N={n} vs {num_tiles} tiles"
-    assert words & (words - 1) == 0, f"tile_n / 32 = {words} must be a power of two"
-    assert values.dtype == x.dtype, f"values {values.dtype} vs x {x.dtype}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"dtype {x.dtype}"
-    assert bitmap.dtype == offsets.dtype == torch.int32, "bitmap and offsets must be int32"
-    assert values.is_contiguous() and bitmap.is_contiguous() and offsets.is_contiguous()
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]"
+    m, k, num_tiles, words = check_sparse_layout_args(x, values, bitmap, offsets, n, bias)
     if m > FUSED_MAX_TOKENS:
         weight_t = triton_unpack_transposed(values, bitmap, offsets, n)
         sparse = sparsify_activations(x, threshold)
