@@ -439,19 +439,19 @@ const Luts kLuts;
 // Loads 16 bytes whatever the popcount; `data` ends with padding for that.
 template <int KIND, bool BM>
 inline __m256 expand8(const uint16_t* v, uint32_t byte) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-  if (!BM) {  // all 8 rows stored (no bitmaps): plain widening, no shuffle
+  if constexpr (!BM) {  // all 8 rows stored (no bitmaps): plain widening, no shuffle
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
     return KIND == kBF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
                          : _mm256_cvtph_ps(raw);
-  }
-  if constexpr (KIND == kBF16) {
+  } else if constexpr (KIND == kBF16) {
     const __m256i ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLuts.bf16[byte]));
-    // vbroadcastf128 from memory: a load alone. Broadcasting `raw` took a shuffle besides the
-    // load (vperm2i128), and bf16 W50/X50 ran 1.21-1.24x as long (LLaMA-7B shapes, one thread).
+    // vbroadcastf128 from memory: a load alone. Broadcasting a loaded register took a shuffle too
+    // (vperm2i128), and bf16 W50/X50 ran 1.21-1.24x as long (LLaMA-7B shapes, one thread).
     const __m256i both =
         _mm256_castps_si256(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(v)));
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(both, ctrl));
   } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
     const __m128i ctrl = _mm_load_si128(reinterpret_cast<const __m128i*>(kLuts.fp16[byte]));
     return _mm256_cvtph_ps(_mm_shuffle_epi8(raw, ctrl));
   }
