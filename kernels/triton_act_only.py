@@ -23,6 +23,7 @@ import functools
 import torch
 
 from vllm_duogpt.kernels.triton_common import (
+    ACTIVATION_DTYPES,
     SEMAPHORE_SLOTS,
     interpreting,
     kernel_interpreted,
@@ -208,7 +209,7 @@ def triton_act_only_decode(
     assert m <= MAX_ACT_ONLY_TOKENS, f"act-only kernel takes <= {MAX_ACT_ONLY_TOKENS} tokens"
     assert k_w == k, f"weight_t {tuple(weight_t.shape)} vs x {tuple(x.shape)}"
     assert weight_t.dtype == x.dtype, f"weight {weight_t.dtype} vs x {x.dtype}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"dtype {x.dtype}"
+    assert x.dtype in ACTIVATION_DTYPES, f"dtype {x.dtype}"
     assert weight_t.stride(1) == 1, "weight_t rows must be contiguous (use act_only_weight)"
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]"
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -86,6 +86,10 @@ def unavailable_reason(device: torch.device, interpreted: bool) -> str | None:
     return None
 
 
+# The activation dtypes the Triton kernels take.
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def kernel_unavailable_reason(
     device: torch.device, dtype: torch.dtype, interpreted: bool
 ) -> str | None:
@@ -96,7 +100,7 @@ def kernel_unavailable_reason(
         dtype: the activations' dtype (float16, bfloat16 or float32).
         interpreted: ``kernel_interpreted`` of the kernel to launch.
     """
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in ACTIVATION_DTYPES:
         return f"dtype {dtype} is not one of float16, bfloat16, float32"
     return unavailable_reason(device, interpreted)
 
@@ -118,7 +122,7 @@ def check_sparse_layout_args(
     assert num_tiles * words * 32 >= n > (num_tiles - 1) * words * 32, f"N={n} vs {num_tiles} tiles"
     assert words & (words - 1) == 0, f"tile_n / 32 = {words} must be a power of two"
     assert values.dtype == x.dtype, f"values {values.dtype} vs x {x.dtype}"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"dtype {x.dtype}"
+    assert x.dtype in ACTIVATION_DTYPES, f"dtype {x.dtype}"
     assert bitmap.dtype == offsets.dtype == torch.int32, "bitmap and offsets must be int32"
     assert values.is_contiguous() and bitmap.is_contiguous() and offsets.is_contiguous()
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias must be [N]"
