@@ -92,10 +92,12 @@ constexpr int64_t kPrefetchAheadBytes = 32 * 1024;
 // bitmaps, whose decode does more per byte, the extra prefetches cost more than they saved
 // (W50/X50 13-17% slower on one thread, W70/X50 and 8 tokens slower on both).
 constexpr int64_t kL2AheadBytes = 64 * 1024;
-// Blocks between two reports of a pass's reads to its prefetcher: every block cost about 15% of
-// the in-cache speed, every 4th block 2048 x 4096 at 50% / 0% 372 vs 442 us, one thread.
-constexpr int64_t kReportBlocks = 4;
-static_assert((kReportBlocks & (kReportBlocks - 1)) == 0, "tested with a mask: a power of two");
+// Blocks a decode pass reads between two reports of its reads to its prefetcher, with and
+// without bitmaps (BM). One thread, LLaMA-7B shapes, weights out of cache, by hand (builds run in
+// alternating processes): with bitmaps every 4th block (W50/X50 0.99-1.05 ms on the two large
+// shapes) against every 2nd (1.01-1.07) and every block (1.48-1.49); without, every block
+// (W0/X50 1.54-1.59 ms) against every 4th (1.79-1.97 with the same cursor).
+constexpr int64_t report_blocks(bool BM) { return BM ? 4 : 1; }
 // Prefill multiplies slices of this many rows (all K channels decompressed: 256 x K fp32, 2 MiB
 // at K = 2048), and threads decompress at least kPrefillChannelGrain channels each.
 constexpr int64_t kPrefillSliceRows = 256;
@@ -263,51 +265,69 @@ inline uint64_t take_bitmap(bool bitmaps, const uint16_t*& p) {
 }
 
 // Walks the bytes of a decode pass's active runs in the order the pass reads them, prefetching
-// each line it passes with the given locality (3: into L1, 2: into L2).
+// each line it passes with the given locality (3: into L1, 2: into L2). Its position is three
+// addresses, compared and moved inline; only a step into the next run reads the layout.
 template <int Locality>
 class RunCursor {
  public:
   RunCursor(const Layout& L, const ActiveSet& a, const Pass& ps)
       : L_(L), a_(a), ps_(ps), j_(ps.i0) {
-    if (j_ < ps_.i1) start_run();
+    if (j_ < ps_.i1) {
+      start_run(0);
+    } else {
+      stop();
+    }
   }
   // Prefetch `bytes` more.
   inline void advance(int64_t bytes) {
-    budget_ += bytes;
-    while (budget_ > 0 && j_ < ps_.i1) {
-      const int64_t take = std::min<int64_t>(budget_, end_ - pos_);
-      pos_ += take;
-      budget_ -= take;
-      for (; next_line_ < pos_; next_line_ += 64) __builtin_prefetch(next_line_, 0, Locality);
-      if (pos_ == end_ && ++j_ < ps_.i1) start_run();
+    until_ += bytes;
+    if (__builtin_expect(until_ > end_, 0)) cross_runs();
+    for (; line_ < until_; line_ += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, Locality);
     }
   }
 
  private:
-  static const char* line_of(const char* c) {
-    return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(c) & ~uintptr_t{63});
+  // Past the end of the current run: its remaining lines, then the next runs'.
+  inline void cross_runs() {
+    while (until_ > end_) {
+      for (; line_ < end_; line_ += 64) {
+        __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, Locality);
+      }
+      if (++j_ >= ps_.i1) return stop();
+      start_run(until_ - end_);
+    }
   }
-  void start_run() {
+  // Run j_, `carry` bytes into it.
+  inline void start_run(uintptr_t carry) {
     const int64_t k = a_.idx[j_];
-    pos_ = reinterpret_cast<const char*>(L_.segment(ps_.p, k, ps_.s0));
-    end_ = reinterpret_cast<const char*>(L_.segment(ps_.p, k, ps_.s1));
-    next_line_ = std::max(next_line_, line_of(pos_));
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(L_.segment(ps_.p, k, ps_.s0));
+    end_ = reinterpret_cast<uintptr_t>(L_.segment(ps_.p, k, ps_.s1));
+    until_ = begin + carry;
+    line_ = std::max(line_, begin & ~uintptr_t{63});
   }
+  // Every run prefetched: nothing is below line_ from now on.
+  inline void stop() { line_ = end_ = UINTPTR_MAX; }
+
   const Layout& L_;
   const ActiveSet& a_;
   const Pass& ps_;
   int64_t j_;
-  const char* pos_ = nullptr;
-  const char* end_ = nullptr;
-  const char* next_line_ = nullptr;  // the first line not yet prefetched
-  int64_t budget_ = 0;
+  uintptr_t line_ = 0;   // the first line not yet prefetched
+  uintptr_t until_ = 0;  // prefetch the lines below this address of run j_
+  uintptr_t end_ = 0;    // where run j_ ends
 };
 
 // Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in
 // the order it reads them, kPrefetchAheadBytes ahead of its reads into L1 and, for runs without
-// bitmaps when a sixteenth of the channels or more are skipped, kL2AheadBytes ahead into L2 (the
-// pass reports what it has read every kReportBlocks blocks). The hardware prefetcher cannot: it
-// stops at every skipped run, and even with all runs active it left the pass waiting on memory.
+// bitmaps when a sixteenth of the channels or more are skipped, kL2AheadBytes ahead into L2. The
+// pass reports its read positions every report_blocks() blocks and after its last. The hardware
+// prefetcher cannot do this: it stops at every skipped run, and even with all runs active it left
+// the pass waiting on memory. Its bookkeeping, not its prefetch instructions, was what it cost:
+// in L2 (one thread, 4096 x 192 and 2048 x 384, by hand) a W50 block took 2.3-2.4 ns with it,
+// 1.7 without it, the same 2.3 with only the prefetch instructions taken out. The cursors are
+// plain numbers now, advanced between the decode loop's report points rather than tested in
+// every block (W50 blocks 2.0-2.1 ns in L2).
 class RunPrefetcher {
  public:
   RunPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps)
@@ -322,11 +342,10 @@ class RunPrefetcher {
   inline void start_group(const uint16_t* const (&p)[G]) {
     reported_ = read_position(p);
   }
-  // The group has decoded block b of `blocks`: every kReportBlocks blocks and after the last,
-  // prefetch as many bytes as it has read since the last report.
+  // The group's read positions are now p: prefetch as many bytes as it has read since the last
+  // report.
   template <int G>
-  inline void after_block(int64_t b, int64_t blocks, const uint16_t* const (&p)[G]) {
-    if ((b & (kReportBlocks - 1)) != kReportBlocks - 1 && b != blocks - 1) return;
+  inline void report(const uint16_t* const (&p)[G]) {
     const uintptr_t now = read_position(p);
     const int64_t bytes = static_cast<int64_t>(now - reported_);
     l1_.advance(bytes);
@@ -483,32 +502,34 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
   for (int g = 0; g < G; ++g) p[g] = L.segment(ps.p, a.idx[i + g], ps.s0);
   const float* xs = &a.xs[i * M];
   ahead.start_group(p);
-  for (int64_t b = 0; b < blocks; ++b) {
-    float* out = acc + b * kBlockRows;
-    if constexpr (MT == 1) {
-      __m256 s[8];
-      for (int j = 0; j < 8; ++j) s[j] = _mm256_loadu_ps(out + 8 * j);
-      for (int g = 0; g < G; ++g) {
-        __m256 w[8];
-        p[g] = expand_block<KIND, BM>(p[g], w);
-        const __m256 x = _mm256_set1_ps(xs[g]);
-        for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(w[j], x, s[j]);
-      }
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, s[j]);
-    } else {
-      for (int g = 0; g < G; ++g) {
-        __m256 w[8];
-        p[g] = expand_block<KIND, BM>(p[g], w);
-        for (int64_t m = 0; m < M; ++m) {
-          float* o = out + m * stride;
-          const __m256 x = _mm256_set1_ps(xs[g * M + m]);
-          for (int j = 0; j < 8; ++j) {
-            _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(w[j], x, _mm256_loadu_ps(o + 8 * j)));
+  for (int64_t b = 0; b < blocks;) {
+    for (const int64_t stop = std::min(b + report_blocks(BM), blocks); b < stop; ++b) {
+      float* out = acc + b * kBlockRows;
+      if constexpr (MT == 1) {
+        __m256 s[8];
+        for (int j = 0; j < 8; ++j) s[j] = _mm256_loadu_ps(out + 8 * j);
+        for (int g = 0; g < G; ++g) {
+          __m256 w[8];
+          p[g] = expand_block<KIND, BM>(p[g], w);
+          const __m256 x = _mm256_set1_ps(xs[g]);
+          for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(w[j], x, s[j]);
+        }
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + 8 * j, s[j]);
+      } else {
+        for (int g = 0; g < G; ++g) {
+          __m256 w[8];
+          p[g] = expand_block<KIND, BM>(p[g], w);
+          for (int64_t m = 0; m < M; ++m) {
+            float* o = out + m * stride;
+            const __m256 x = _mm256_set1_ps(xs[g * M + m]);
+            for (int j = 0; j < 8; ++j) {
+              _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(w[j], x, _mm256_loadu_ps(o + 8 * j)));
+            }
           }
         }
       }
     }
-    ahead.after_block(b, blocks, p);
+    ahead.report(p);
   }
 }
 
@@ -686,32 +707,34 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
   for (int g = 0; g < G; ++g) p[g] = L.segment(ps.p, a.idx[i + g], ps.s0);
   const float* xs = &a.xs[i * M];
   ahead.start_group(p);
-  for (int64_t b = 0; b < blocks; ++b) {
-    float* out = acc + b * kBlockRows;
-    if constexpr (MT == 1) {
-      __m512 s[4];
-      for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
-      for (int g = 0; g < G; ++g) {
-        __m512 w[4];
-        p[g] = expand_block<KIND, BM>(p[g], w);
-        const __m512 x = _mm512_set1_ps(xs[g]);
-        for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[q], x, s[q]);
-      }
-      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
-    } else {
-      __m512 w[G][4];
-      for (int g = 0; g < G; ++g) p[g] = expand_block<KIND, BM>(p[g], w[g]);
-      for (int64_t m = 0; m < M; ++m, out += stride) {
+  for (int64_t b = 0; b < blocks;) {
+    for (const int64_t stop = std::min(b + report_blocks(BM), blocks); b < stop; ++b) {
+      float* out = acc + b * kBlockRows;
+      if constexpr (MT == 1) {
         __m512 s[4];
         for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
         for (int g = 0; g < G; ++g) {
-          const __m512 x = _mm512_set1_ps(xs[g * M + m]);
-          for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[g][q], x, s[q]);
+          __m512 w[4];
+          p[g] = expand_block<KIND, BM>(p[g], w);
+          const __m512 x = _mm512_set1_ps(xs[g]);
+          for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[q], x, s[q]);
         }
         for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
+      } else {
+        __m512 w[G][4];
+        for (int g = 0; g < G; ++g) p[g] = expand_block<KIND, BM>(p[g], w[g]);
+        for (int64_t m = 0; m < M; ++m, out += stride) {
+          __m512 s[4];
+          for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
+          for (int g = 0; g < G; ++g) {
+            const __m512 x = _mm512_set1_ps(xs[g * M + m]);
+            for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[g][q], x, s[q]);
+          }
+          for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
+        }
       }
     }
-    ahead.after_block(b, blocks, p);
+    ahead.report(p);
   }
 }
 
