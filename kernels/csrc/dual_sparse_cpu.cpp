@@ -96,7 +96,7 @@ constexpr int64_t kL2AheadBytes = 64 * 1024;
 // without bitmaps (BM). One thread, LLaMA-7B shapes, weights out of cache, by hand (builds run in
 // alternating processes): with bitmaps every 4th block (W50/X50 0.99-1.05 ms on the two large
 // shapes) against every 2nd (1.01-1.07) and every block (1.48-1.49); without, every block
-// (W0/X50 1.54-1.59 ms) against every 4th (1.79-1.97 with the same cursor).
+// (W0/X50 1.54-1.62 ms) against every 4th (1.79-2.00 with the same cursor).
 constexpr int64_t report_blocks(bool BM) { return BM ? 4 : 1; }
 // Prefill multiplies slices of this many rows (all K channels decompressed: 256 x K fp32, 2 MiB
 // at K = 2048), and threads decompress at least kPrefillChannelGrain channels each.
