@@ -282,18 +282,20 @@ class RunCursor {
   inline void advance(int64_t bytes) {
     until_ += bytes;
     if (__builtin_expect(until_ > end_, 0)) cross_runs();
-    for (; line_ < until_; line_ += 64) {
-      __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, Locality);
-    }
+    prefetch_below(until_);
   }
 
  private:
+  // The lines from line_ up to `limit`.
+  inline void prefetch_below(uintptr_t limit) {
+    for (; line_ < limit; line_ += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, Locality);
+    }
+  }
   // Past the end of the current run: its remaining lines, then the next runs'.
   inline void cross_runs() {
     while (until_ > end_) {
-      for (; line_ < end_; line_ += 64) {
-        __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, Locality);
-      }
+      prefetch_below(end_);
       if (++j_ >= ps_.i1) return stop();
       start_run(until_ - end_);
     }
