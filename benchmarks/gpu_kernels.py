@@ -9,21 +9,33 @@ sparsities W {0.5, 0.6} x X {0, 0.5} (bf16):
    reports the bytes each one must move and the achieved GB/s;
 3. writes the table as ``<out>.md`` and ``<out>.json`` and prints it, with the targets
    (batch 1 W50/X50: >= 2.4x dense and >= 1.4x activation-only; 16 tokens >= 0.97x dense;
-   512 tokens >= 0.8x dense).
+   512 tokens >= 0.8x dense);
+4. where vLLM is installed (``make setup BACKEND=cuda``) and unless ``--no-vllm``: vLLM
+   end-to-end decode at batch 1, 4 and 16, dense bf16 against DuoGPT W50/X50 (bf16 values), on a
+   randomly initialised LLaMA-3-8B-shaped model pruned by magnitude (random_llama.py, built
+   once into ``--work`` on the GPU: about 16 GB dense and 9 GB sparse on disk), each engine in
+   its own process with CUDA graphs (vllm_decode.py); the report is written again with that
+   section and its targets (batch 1 >= 1.8x dense, batch 16 >= 0.97x). Without vLLM the report
+   says so and the kernel part stands alone.
 
 Timing is what vLLM's decode sees: each call is replayed from a CUDA graph
 (``triton.testing.do_bench_cudagraph``), so host launch overhead is excluded, and every graph
 walks through enough copies of the weights (at least 4x the L2 cache) that no layer is served
-from L2, as in a real forward pass. Run: ``python benchmarks/gpu_kernels.py --out results/gpu``
-(about 5 minutes on an H200, most of it Triton compilation and autotuning on the first run).
+from L2, as in a real forward pass. Run: ``python benchmarks/gpu_kernels.py --out results/gpu``.
+Nothing of it has run on a GPU yet: the kernel part was estimated at about 5 minutes on an H200
+(most of it Triton compilation and autotuning on the first run), and the end-to-end part adds the
+model's first build and two engine start-ups with compilation, a few minutes more.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +45,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from random_llama import LLAMA3_8B, build_models
+from vllm_decode import decode_ratios, render, run_rounds
 
 logger = logging.getLogger("gpu_kernels")
 
@@ -48,6 +62,8 @@ ACT_SPARSITY = (0.0, 0.5)
 DTYPE = torch.bfloat16
 TOLERANCE = 8e-3  # scale-free error of a bf16 output rounded once
 DECODE_MAX_TOKENS = 8
+VLLM_BATCHES = (1, 4, 16)
+VLLM_TARGETS = {1: 1.8, 16: 0.97}  # batch: duogpt decode tokens/s over dense bf16's, at least
 
 
 @dataclass
@@ -342,6 +358,74 @@ def target_checks(rows: list[Row]) -> list[str]:
     return lines
 
 
+@dataclass
+class EndToEnd:
+    """The vLLM end-to-end section of the report."""
+
+    markdown: str
+    record: dict  # for the JSON report
+    targets: list[str]
+
+
+def vllm_end_to_end(work: Path, rounds: int) -> EndToEnd:
+    """vLLM decode, dense bf16 against DuoGPT W50/X50, on a random LLaMA-3-8B-shaped model."""
+    title = "## vLLM end-to-end decode, random LLaMA-3-8B-shaped model, W50/X50"
+    if importlib.util.find_spec("vllm") is None:
+        reason = "vLLM is not installed (`make setup BACKEND=cuda` installs it)"
+        return EndToEnd(f"{title}\n\nNot run: {reason}.\n", {"skipped": reason}, [])
+    torch.cuda.empty_cache()  # the engines' processes need the memory the kernel table held
+    models = build_models(
+        work, LLAMA3_8B, 0.5, 0.5, torch.bfloat16, value_dtype=torch.bfloat16, device="cuda"
+    )
+    torch.cuda.empty_cache()
+    reports = run_rounds(
+        models,
+        rounds,
+        VLLM_BATCHES,
+        max_tokens=64,
+        prompt_len=128,
+        repeats=3,
+        dtype="bfloat16",
+        enforce_eager=False,
+    )
+    checks = end_to_end_checks(reports)
+    markdown = "\n".join(
+        [
+            f"{title}\n\nCUDA graphs, bf16, {rounds} round(s).\n\n```\n{render(reports)}\n```\n",
+            "Targets:\n",
+            *[f"- {line}" for line in checks],
+            "",
+        ]
+    )
+    return EndToEnd(markdown, {"rounds": reports}, checks)
+
+
+def end_to_end_failure(error: Exception) -> EndToEnd:
+    """The section when an engine failed: its error (with the log's tail) in place of a table."""
+    message = f"vLLM end-to-end decode failed: {error}"
+    return EndToEnd(
+        f"## vLLM end-to-end decode\n\n```\n{message}\n```\n",
+        {"failed": message},
+        ["MISS vLLM end-to-end decode: failed (see its section)"],
+    )
+
+
+def end_to_end_checks(reports: list[dict]) -> list[str]:
+    """The end-to-end targets (:data:`VLLM_TARGETS`) on the median of the rounds' ratios."""
+    per_round = [decode_ratios(r) for r in reports]
+    lines = []
+    for batch, goal in VLLM_TARGETS.items():
+        values = [ratios[batch] for ratios in per_round if batch in ratios]
+        if not values:
+            continue
+        median = statistics.median(values)
+        lines.append(
+            f"{'PASS' if median >= goal else 'MISS'} vLLM decode batch {batch}: {median:.2f}x "
+            f"dense (>= {goal}), median of {len(values)} round(s)"
+        )
+    return lines
+
+
 def render_markdown(rows: list[Row], targets: list[str], header: str) -> str:
     def fmt(v: float | None, spec: str) -> str:
         return "n/a" if v is None else format(v, spec)
@@ -366,11 +450,14 @@ def render_markdown(rows: list[Row], targets: list[str], header: str) -> str:
     return "\n".join([*lines, "", "Targets (W50/X50):", "", *[f"- {t}" for t in targets], ""])
 
 
-def write_report(rows: list[Row], targets: list[str], out: Path) -> None:
+def write_report(
+    rows: list[Row], targets: list[str], out: Path, end_to_end: EndToEnd | None = None
+) -> None:
     import triton
 
     props = torch.cuda.get_device_properties(0)
     meta = {
+        "date": time.strftime("%Y-%m-%d"),
         "device": props.name,
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -378,11 +465,17 @@ def write_report(rows: list[Row], targets: list[str], out: Path) -> None:
         "timing": "do_bench_cudagraph, weights rotated past L2",
     }
     header = (
-        f"# Dual-sparse GPU kernels on {props.name}\n\ntorch {torch.__version__}, triton "
+        f"# Dual-sparse GPU kernels on {props.name}, {meta['date']}\n\n"
+        f"torch {torch.__version__}, triton "
         f"{triton.__version__}, bf16, CUDA-graph timing, weights rotated past L2."
     )
+    markdown = render_markdown(rows, targets, header)
+    if end_to_end is not None:
+        markdown += "\n" + end_to_end.markdown
+        meta["end_to_end"] = end_to_end.record
+        targets = [*targets, *end_to_end.targets]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(render_markdown(rows, targets, header))
+    out.with_suffix(".md").write_text(markdown)
     records = [
         {
             **asdict(r),
@@ -408,7 +501,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="W0.5/X0.5 only and tokens 1, 16, 512 (about a minute)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("out/bench-llama3-8b"),
+        help="where the end-to-end models are built (once)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="end-to-end dense + duogpt pairs")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the end-to-end section")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,12 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows = kernel_table(shapes, tokens, ws, xs)
     targets = target_checks(rows)
-    # The end-to-end vLLM decode section, vllm_decode_benchmark(...), is composed here by the
-    # lead; it is not part of this script yet.
-    write_report(rows, targets, args.out)
+    write_report(rows, targets, args.out)  # kept even if the end-to-end part fails
+    status = 0
+    if not args.no_vllm:
+        try:
+            end_to_end = vllm_end_to_end(args.work, args.rounds)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            end_to_end, status = end_to_end_failure(error), 1
+        write_report(rows, targets, args.out, end_to_end)
     print(args.out.with_suffix(".md").read_text())
     logger.info("done in %.0f s", time.time() - started)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -152,6 +152,7 @@ def bench_engine(
     repeats: int = 3,
     enforce_eager: bool = True,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Benchmark one model in one vLLM engine started in this process.
 
@@ -161,8 +162,11 @@ def bench_engine(
         max_tokens: tokens generated per request in the decode run (>= 2).
         prompt_len: tokens per random prompt.
         repeats: timed calls per measurement (the median is kept).
-        enforce_eager: skip torch.compile (vLLM start-up is about a minute shorter on CPU).
+        enforce_eager: skip torch.compile (vLLM start-up is about a minute shorter on CPU) and,
+            on GPUs, CUDA graphs.
         seed: seeds the random prompts.
+        dtype: vLLM's compute dtype (float32 on CPUs, where bf16 matmuls are slow without
+            AVX-512 BF16; bfloat16 on GPUs).
 
     Returns:
         Model, settings, memory fields and one entry per batch size (see the module docstring).
@@ -181,7 +185,7 @@ def bench_engine(
     started = time.perf_counter()
     llm = LLM(
         model=model_dir,
-        dtype="float32",
+        dtype=dtype,
         enforce_eager=enforce_eager,
         max_model_len=prompt_len + max_tokens,
         max_num_seqs=max(max(batches), 1),
@@ -227,6 +231,7 @@ def bench_engine(
         "prompt_len": prompt_len,
         "repeats": repeats,
         "enforce_eager": enforce_eager,
+        "dtype": dtype,
         "load_s": load_s,
         "checkpoint_file_bytes": checkpoint_file_bytes(model_dir),
         **worker,
@@ -244,12 +249,14 @@ def run_bench(
     enforce_eager: bool = True,
     out: str | os.PathLike[str] | None = None,
     timeout_s: float = 1800.0,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Benchmark several models, each in its own fresh process, one after the other.
 
     Args:
         models: label (``duogpt``, ``dense``) -> model directory or bundled name.
-        batches, max_tokens, prompt_len, repeats, enforce_eager: see :func:`bench_engine`.
+        batches, max_tokens, prompt_len, repeats, enforce_eager, dtype: see
+            :func:`bench_engine`.
         out: write the results here as JSON too.
         timeout_s: limit per model process.
 
@@ -269,7 +276,7 @@ def run_bench(
             cmd = [sys.executable, "-m", "vllm_duogpt.bench", model_dir, "--result", str(tmp_out)]
             cmd += ["--batch", ",".join(map(str, batches)), "--max-tokens", str(max_tokens)]
             cmd += ["--prompt-len", str(prompt_len), "--repeats", str(repeats)]
-            cmd += [] if enforce_eager else ["--compile"]
+            cmd += ["--dtype", dtype] + ([] if enforce_eager else ["--compile"])
             logger.info("benchmarking %s: %s", label, " ".join(cmd))
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0 or not tmp_out.is_file():
@@ -327,12 +334,19 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     result = bench_engine(
-        args.model, args.batch, args.max_tokens, args.prompt_len, args.repeats, not args.compile
+        args.model,
+        args.batch,
+        args.max_tokens,
+        args.prompt_len,
+        args.repeats,
+        not args.compile,
+        dtype=args.dtype,
     )
     Path(args.result).write_text(json.dumps(result, indent=2))
     return 0

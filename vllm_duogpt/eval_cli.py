@@ -48,6 +48,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         enforce_eager=not args.compile,
         out=args.out,
+        dtype=args.dtype,
     )
     print(format_table(report))
     if args.out:
@@ -137,6 +138,11 @@ def add_eval_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--compile", action="store_true", help="let vLLM compile (slower start-up)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="vLLM's compute dtype (default float32, the fast one on CPUs; bfloat16 on GPUs)",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=_run_bench)
 
