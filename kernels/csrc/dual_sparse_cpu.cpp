@@ -59,7 +59,9 @@ constexpr int64_t kMinSliceChannels = 16;
 // in registers. One token over runs without bitmaps has no such chain and reads one run at a
 // time: one stream rather than four (4096-row panels, W0/X50 on the LLaMA-7B shapes, one
 // thread, two builds run alternately twice: 0.75-0.76 / 1.83-2.00 / 1.89-2.02 ms against
-// 0.82-0.85 / 2.11 / 2.20-2.23 ms with four, 1.59-1.89x dense16 against 1.47-1.68x).
+// 0.82-0.85 / 2.11 / 2.20-2.23 ms with four, 1.59-1.89x dense16 against 1.47-1.68x). Eight runs
+// with bitmaps, as fast as four in L2, were 6-15% slower from memory at W50/X50 (one thread, two
+// alternated runs, by hand): GCC spills their pointers to the stack.
 constexpr int kGroup = 4;
 // Channels a decode pass of MT tokens (0: several) over a layout with or without bitmaps (BM)
 // decodes together, where `several` is what the ISA's registers hold for several tokens: both
