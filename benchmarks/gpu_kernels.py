@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 from random_llama import LLAMA3_8B, build_models
-from vllm_decode import decode_ratios, render, run_rounds
+from vllm_decode import ratios_by_batch, render, run_rounds
 
 logger = logging.getLogger("gpu_kernels")
 
@@ -412,12 +412,12 @@ def end_to_end_failure(error: Exception) -> EndToEnd:
 
 def end_to_end_checks(reports: list[dict]) -> list[str]:
     """The end-to-end targets (:data:`VLLM_TARGETS`) on the median of the rounds' ratios."""
-    per_round = [decode_ratios(r) for r in reports]
+    by_batch = ratios_by_batch(reports)
     lines = []
     for batch, goal in VLLM_TARGETS.items():
-        values = [ratios[batch] for ratios in per_round if batch in ratios]
-        if not values:
+        if batch not in by_batch:
             continue
+        values = by_batch[batch]
         median = statistics.median(values)
         lines.append(
             f"{'PASS' if median >= goal else 'MISS'} vLLM decode batch {batch}: {median:.2f}x "

@@ -75,13 +75,17 @@ def ratio_lines(report: dict) -> str:
     return "\n".join(lines)
 
 
+def ratios_by_batch(reports: list[dict]) -> dict[int, list[float]]:
+    """Batch size -> its duogpt over dense decode ratio in each round (:func:`decode_ratios`)."""
+    per_round = [decode_ratios(r) for r in reports]
+    return {batch: [ratios[batch] for ratios in per_round] for batch in per_round[0]}
+
+
 def median_lines(reports: list[dict]) -> str:
     """Each batch's ratio in every round and their median."""
     name = dense_of(reports[0]).replace("-", " ")
-    per_round = [decode_ratios(r) for r in reports]
     lines = []
-    for batch in per_round[0]:
-        values = [ratios[batch] for ratios in per_round]
+    for batch, values in ratios_by_batch(reports).items():
         listed = ", ".join(f"{v:.2f}x" for v in values)
         lines.append(
             f"batch {batch}: duogpt decode = {statistics.median(values):.2f}x {name}, "
