@@ -45,7 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from read_ceiling import RangeReader, active_channels, decode_ranges, l2_stage_bytes
+from read_ceiling import (
+    RangeReader,
+    active_channels,
+    decode_ranges,
+    l1_ahead_bytes,
+    l2_stage_bytes,
+)
 
 from vllm_duogpt.kernels.cpu_kernel import (
     ISA_LEVELS,
@@ -248,6 +254,7 @@ def bench_shape(
                     reader.reader(
                         decode_ranges(c, xi, tau, threads),
                         keep=c.data,
+                        ahead=l1_ahead_bytes(c),
                         l2_ahead=l2_stage_bytes(c, xi, tau),
                     )
                     for c, xi, tau in zip(copies, xs, taus, strict=True)

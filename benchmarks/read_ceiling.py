@@ -22,7 +22,8 @@ from vllm_duogpt.kernels.cpu_kernel import cache_dir
 from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight
 
 SOURCE = Path(__file__).with_name("read_ranges.cpp")
-PREFETCH_AHEAD_BYTES = 32 * 1024  # kPrefetchAheadBytes of the kernel
+PREFETCH_AHEAD_BYTES = 32 * 1024  # l1_ahead_bytes(true) of the kernel: runs with bitmaps
+NO_BITMAP_AHEAD_BYTES = 16 * 1024  # l1_ahead_bytes(false): runs without
 L2_AHEAD_BYTES = 64 * 1024  # kL2AheadBytes of the kernel
 MIN_SLICE_CHANNELS = 16  # kMinSliceChannels of the kernel
 
@@ -48,6 +49,7 @@ class RangeReader:
         self,
         ranges: list[tuple[torch.Tensor, torch.Tensor]],
         keep: torch.Tensor,
+        ahead: int = PREFETCH_AHEAD_BYTES,
         l2_ahead: int = 0,
     ) -> Callable[[], int]:
         """A call that reads every thread's ranges at once and returns a checksum.
@@ -56,6 +58,7 @@ class RangeReader:
             ranges: per thread, ``(starts, ends)``: int64 byte addresses of its ranges, in the
                 order it reads them; at most ``torch.get_num_threads()`` threads when called.
             keep: the tensor that holds those bytes: the call keeps it alive.
+            ahead: bytes the prefetch runs ahead into L1 (``l1_ahead_bytes``).
             l2_ahead: bytes a second prefetch runs ahead into L2 (``l2_stage_bytes``), 0 for none.
         """
         starts = torch.cat([s for s, _ in ranges])
@@ -64,9 +67,14 @@ class RangeReader:
         thread_first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         module = self._module
         return lambda: (
-            keep.data_ptr()
-            and module.read_ranges(starts, ends, thread_first, PREFETCH_AHEAD_BYTES, l2_ahead)
+            keep.data_ptr() and module.read_ranges(starts, ends, thread_first, ahead, l2_ahead)
         )
+
+
+def l1_ahead_bytes(packed: CpuSparseWeight) -> int:
+    """How far ahead the kernel prefetches a decode call's runs into L1 (``RunPrefetcher``):
+    less far over runs without bitmaps."""
+    return PREFETCH_AHEAD_BYTES if packed.bitmaps else NO_BITMAP_AHEAD_BYTES
 
 
 def l2_stage_bytes(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> int:

@@ -13,8 +13,11 @@ import torch
 from read_ceiling import (
     L2_AHEAD_BYTES,
     MIN_SLICE_CHANNELS,
+    NO_BITMAP_AHEAD_BYTES,
+    PREFETCH_AHEAD_BYTES,
     RangeReader,
     decode_ranges,
+    l1_ahead_bytes,
     l2_stage_bytes,
 )
 
@@ -62,8 +65,8 @@ def test_decode_ranges_are_the_active_runs_in_kernel_order(threads: int) -> None
         assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == runs
 
 
-@pytest.mark.parametrize("l2_ahead", [0, 128, 1 << 20])
-def test_reader_reads_every_line_of_every_range(l2_ahead: int) -> None:
+@pytest.mark.parametrize(("ahead", "l2_ahead"), [(64, 0), (16384, 128), (32768, 1 << 20)])
+def test_reader_reads_every_line_of_every_range(ahead: int, l2_ahead: int) -> None:
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(1)
     buffer = torch.randint(0, 2**40, (4096,), generator=gen, dtype=torch.int64)  # 32 KiB
@@ -77,7 +80,7 @@ def test_reader_reads_every_line_of_every_range(l2_ahead: int) -> None:
         (torch.tensor([base + a for a, _ in rs]), torch.tensor([base + b for _, b in rs]))
         for rs in per_thread
     ]
-    checksum = RangeReader().reader(ranges, keep=buffer, l2_ahead=l2_ahead)()
+    checksum = RangeReader().reader(ranges, keep=buffer, ahead=ahead, l2_ahead=l2_ahead)()
 
     words = buffer.view(-1, 8)[:, 0]  # the first 8 bytes of each 64-byte line
     want = torch.zeros((), dtype=torch.int64)
@@ -87,12 +90,14 @@ def test_reader_reads_every_line_of_every_range(l2_ahead: int) -> None:
     assert checksum == int(want)
 
 
-def test_l2_stage_follows_the_kernel_rule() -> None:
-    """Staged into L2: runs without bitmaps when at least a sixteenth of the channels is
-    skipped; never runs with bitmaps."""
+def test_prefetch_distances_follow_the_kernel_rule() -> None:
+    """Into L1: half as far over runs without bitmaps. Staged into L2: runs without bitmaps
+    when at least a sixteenth of the channels is skipped; never runs with bitmaps."""
     dense = pack_cpu_weight(torch.randn(128, 64), panel_rows=128)
     sparse = packed_weight(128, 64, panel_rows=128)
     assert not dense.bitmaps and sparse.bitmaps
+    assert l1_ahead_bytes(sparse) == PREFETCH_AHEAD_BYTES
+    assert l1_ahead_bytes(dense) == NO_BITMAP_AHEAD_BYTES
     x = torch.ones(1, 64)
     assert l2_stage_bytes(dense, x, 0.5) == 0  # every channel active
     x[0, :3] = 0.0  # 61 of 64 active: fewer than a sixteenth skipped
