@@ -254,7 +254,7 @@ def bench_shape(
                     reader.reader(
                         decode_ranges(c, xi, tau, threads),
                         keep=c.data,
-                        ahead=l1_ahead_bytes(c),
+                        ahead=l1_ahead_bytes(c, xi, tau),
                         l2_ahead=l2_stage_bytes(c, xi, tau),
                     )
                     for c, xi, tau in zip(copies, xs, taus, strict=True)

@@ -22,8 +22,8 @@ from vllm_duogpt.kernels.cpu_kernel import cache_dir
 from vllm_duogpt.kernels.cpu_layout import CpuSparseWeight
 
 SOURCE = Path(__file__).with_name("read_ranges.cpp")
-PREFETCH_AHEAD_BYTES = 32 * 1024  # l1_ahead_bytes(true) of the kernel: runs with bitmaps
-NO_BITMAP_AHEAD_BYTES = 16 * 1024  # l1_ahead_bytes(false): runs without
+PREFETCH_AHEAD_BYTES = 32 * 1024  # kPrefetchAheadBytes of the kernel
+STAGED_AHEAD_BYTES = 16 * 1024  # kStagedAheadBytes of the kernel
 L2_AHEAD_BYTES = 64 * 1024  # kL2AheadBytes of the kernel
 MIN_SLICE_CHANNELS = 16  # kMinSliceChannels of the kernel
 
@@ -71,18 +71,23 @@ class RangeReader:
         )
 
 
-def l1_ahead_bytes(packed: CpuSparseWeight) -> int:
-    """How far ahead the kernel prefetches a decode call's runs into L1 (``RunPrefetcher``):
-    less far over runs without bitmaps."""
-    return PREFETCH_AHEAD_BYTES if packed.bitmaps else NO_BITMAP_AHEAD_BYTES
+def l1_ahead_bytes(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> int:
+    """How far ahead the kernel prefetches a batch-1 call's runs into L1 (``RunPrefetcher``):
+    less far where it stages them into L2 too."""
+    return STAGED_AHEAD_BYTES if staged(packed, x, tau) else PREFETCH_AHEAD_BYTES
 
 
 def l2_stage_bytes(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> int:
-    """How far ahead the kernel also stages a batch-1 call's runs into L2 (``RunPrefetcher``):
-    runs without bitmaps when a sixteenth of the channels or more are skipped, else not at all."""
+    """How far ahead the kernel also stages a batch-1 call's runs into L2 (``RunPrefetcher``),
+    0 where it does not."""
+    return L2_AHEAD_BYTES if staged(packed, x, tau) else 0
+
+
+def staged(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> bool:
+    """Whether the kernel stages a batch-1 call's runs into L2: runs without bitmaps when a
+    sixteenth of the channels or more are skipped."""
     n_active = int(active_channels(x, tau).sum())
-    skipping = 16 * n_active <= 15 * packed.in_features
-    return L2_AHEAD_BYTES if not packed.bitmaps and skipping else 0
+    return not packed.bitmaps and 16 * n_active <= 15 * packed.in_features
 
 
 def active_channels(x: torch.Tensor, tau: float) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 from read_ceiling import (
     L2_AHEAD_BYTES,
     MIN_SLICE_CHANNELS,
-    NO_BITMAP_AHEAD_BYTES,
     PREFETCH_AHEAD_BYTES,
+    STAGED_AHEAD_BYTES,
     RangeReader,
     decode_ranges,
     l1_ahead_bytes,
@@ -91,17 +91,20 @@ def test_reader_reads_every_line_of_every_range(ahead: int, l2_ahead: int) -> No
 
 
 def test_prefetch_distances_follow_the_kernel_rule() -> None:
-    """Into L1: half as far over runs without bitmaps. Staged into L2: runs without bitmaps
-    when at least a sixteenth of the channels is skipped; never runs with bitmaps."""
+    """Staged into L2, and then into L1 less far ahead: runs without bitmaps when at least a
+    sixteenth of the channels is skipped; never runs with bitmaps."""
     dense = pack_cpu_weight(torch.randn(128, 64), panel_rows=128)
     sparse = packed_weight(128, 64, panel_rows=128)
     assert not dense.bitmaps and sparse.bitmaps
-    assert l1_ahead_bytes(sparse) == PREFETCH_AHEAD_BYTES
-    assert l1_ahead_bytes(dense) == NO_BITMAP_AHEAD_BYTES
     x = torch.ones(1, 64)
-    assert l2_stage_bytes(dense, x, 0.5) == 0  # every channel active
+    not_staged = (PREFETCH_AHEAD_BYTES, 0)
+    assert distances(dense, x) == not_staged  # every channel active
     x[0, :3] = 0.0  # 61 of 64 active: fewer than a sixteenth skipped
-    assert l2_stage_bytes(dense, x, 0.5) == 0
+    assert distances(dense, x) == not_staged
     x[0, 3] = 0.1  # 60 of 64: a sixteenth skipped
-    assert l2_stage_bytes(dense, x, 0.5) == L2_AHEAD_BYTES
-    assert l2_stage_bytes(sparse, x, 0.5) == 0
+    assert distances(dense, x) == (STAGED_AHEAD_BYTES, L2_AHEAD_BYTES)
+    assert distances(sparse, x) == not_staged
+
+
+def distances(packed, x: torch.Tensor) -> tuple[int, int]:
+    return l1_ahead_bytes(packed, x, 0.5), l2_stage_bytes(packed, x, 0.5)

@@ -75,20 +75,21 @@ constexpr int decode_group(int MT, bool BM, int several) {
 // tokens, 50% / 50%, one thread, out of cache: 71.0 ms for 16 layers against 78.9 with four
 // channels (77.7, 72.9, 80.6 with five, seven, eight); 2 to 16 tokens 5-14% faster, 64 equal.
 constexpr int kGroupSeveralAvx512 = 6;
-// Decode reads this far ahead of itself into L1 (RunPrefetcher), over runs with and without
-// bitmaps. With bitmaps: one thread, 2048 x 2048 at 50% weight sparsity, all channels active,
-// weights out of cache: 7.7 GB/s with only the hardware prefetcher, 17.7 / 21.9 / 20.5 GB/s at
-// 4 / 16 / 64 KiB ahead (22.2 GB/s with the weights in cache), on 2048-row panels and 4 KiB
-// pages. Retuned on 4096-row panels and huge pages, the LLaMA-7B shapes, each distance timed
-// against 16 KiB call after call in one process (by hand): W50/X50 at 6 / 10 KiB 1.4-1.9x slower,
-// at 20 to 48 KiB 5-9% faster on one thread and 2-8% on two (24 and 32 KiB the best); at 32 KiB
-// fp16 W50/X50 5-10% and 3-5% faster, W50/X0 2-3% on both, W70/X50 and 8 tokens within 5%.
-// Without bitmaps, 16 KiB: against 32, two threads took 3-9% less time at W0/X50 (bf16; fp16
-// 2-6%; W0/X25 too), one thread 0-3% more (medians per shape, builds alternated, two or three
-// runs each, by hand); at 8 KiB 4-5% more than at 16, at 12 and 20 within 3%. A guess at why:
-// 32 KiB ahead plus the pass's 16 KiB of accumulators fill this CPU's 48 KiB L1. AVX2 on 16 KiB:
-// within 4% either way.
-constexpr int64_t l1_ahead_bytes(bool bitmaps) { return bitmaps ? 32 * 1024 : 16 * 1024; }
+// Decode reads this far ahead of itself into L1 (RunPrefetcher). One thread, 2048 x 2048 at 50%
+// weight sparsity, all channels active, weights out of cache: 7.7 GB/s with only the hardware
+// prefetcher, 17.7 / 21.9 / 20.5 GB/s at 4 / 16 / 64 KiB ahead (22.2 GB/s with the weights in
+// cache), on 2048-row panels and 4 KiB pages. Retuned on 4096-row panels and huge pages, the
+// LLaMA-7B shapes, each distance timed against 16 KiB call after call in one process (by hand):
+// W50/X50 at 6 / 10 KiB 1.4-1.9x slower, at 20 to 48 KiB 5-9% faster on one thread and 2-8% on
+// two (24 and 32 KiB the best); at 32 KiB fp16 W50/X50 5-10% and 3-5% faster, W50/X0 2-3% on
+// both, W70/X50 and 8 tokens within 5% either way.
+constexpr int64_t kPrefetchAheadBytes = 32 * 1024;
+// Runs staged into L2 (below) go into L1 only this far ahead. Against 32 KiB, two threads took
+// 3-9% less time at W0/X50 (bf16; fp16 2-6%; W0/X25 too), one thread 0-3% more (medians per
+// shape, builds alternated, two or three runs each, by hand); at 8 KiB 4-5% more than at 16, at
+// 12 and 20 within 3%; AVX2 within 4% either way. A guess at why: 32 KiB ahead plus a pass's
+// 16 KiB of accumulators fill this CPU's 48 KiB L1.
+constexpr int64_t kStagedAheadBytes = 16 * 1024;
 // Runs without bitmaps are also staged into L2 this far ahead (RunPrefetcher) when a sixteenth
 // of the channels or more are skipped. Their decode does little per byte, and with L1 prefetches
 // alone it waited on memory: a second cursor, prefetching into L2, keeps more lines in flight.
@@ -327,23 +328,23 @@ class RunCursor {
   uintptr_t end_ = 0;    // where run j_ ends
 };
 
-// Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in
-// the order it reads them, l1_ahead_bytes() ahead of its reads into L1 and, for runs without
-// bitmaps when a sixteenth of the channels or more are skipped, kL2AheadBytes ahead into L2. The
-// pass reports its read positions every report_blocks() blocks and after its last. The hardware
-// prefetcher cannot do this: it stops at every skipped run, and even with all runs active it left
-// the pass waiting on memory. Its bookkeeping, not its prefetch instructions, was what it cost:
-// in L2 (one thread, 4096 x 192 and 2048 x 384, by hand) a W50 block took 2.3-2.4 ns with it,
-// 1.7 without it, the same 2.3 with only the prefetch instructions taken out. The cursors are
-// plain numbers now, advanced between the decode loop's report points rather than tested in
-// every block (W50 blocks 2.0-2.1 ns in L2).
+// Reads ahead of a decode pass: prefetches the bytes of the active runs the pass will read, in the
+// order it reads them, kPrefetchAheadBytes ahead of its reads into L1 or, for runs without bitmaps
+// when a sixteenth of the channels or more are skipped, kStagedAheadBytes into L1 and kL2AheadBytes
+// into L2. The pass reports its read positions every report_blocks() blocks and after its last. The
+// hardware prefetcher cannot do this: it stops at every skipped run, and even with all runs active
+// it left the pass waiting on memory. Its bookkeeping, not its prefetch instructions, was what it
+// cost: in L2 (one thread, 4096 x 192 and 2048 x 384, by hand) a W50 block took 2.3-2.4 ns with it,
+// 1.7 without it, the same 2.3 with only the prefetch instructions taken out. The cursors are plain
+// numbers now, advanced between the decode loop's report points rather than tested in every block
+// (W50 blocks 2.0-2.1 ns in L2).
 class RunPrefetcher {
  public:
   RunPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps)
       : l1_(L, a, ps),
         l2_(L, a, ps),
         staged_(!L.bitmaps && 16 * static_cast<int64_t>(a.idx.size()) <= 15 * L.K) {
-    l1_.advance(l1_ahead_bytes(L.bitmaps));
+    l1_.advance(staged_ ? kStagedAheadBytes : kPrefetchAheadBytes);
     if (staged_) l2_.advance(kL2AheadBytes);
   }
   // The pass starts decoding a group of runs whose read positions are p.
