@@ -87,8 +87,11 @@ constexpr int64_t kPrefetchAheadBytes = 32 * 1024;
 // Runs staged into L2 (below) go into L1 only this far ahead. Against 32 KiB, two threads took
 // 3-9% less time at W0/X50 (bf16; fp16 2-6%; W0/X25 too), one thread 0-3% more (medians per
 // shape, builds alternated, two or three runs each, by hand); at 8 KiB 4-5% more than at 16, at
-// 12 and 20 within 3%; AVX2 within 4% either way. A guess at why: 32 KiB ahead plus a pass's
-// 16 KiB of accumulators fill this CPU's 48 KiB L1.
+// 12 and 20 within 3%; AVX2 within 4% either way. In the tables (benchmarks/cpu_kernels.py, six
+// runs alternated with 32 KiB) the two-thread gain showed in the machine's slow spells only
+// (W0/X50 median 1.48x to 1.55x dense16; 1.54x either way in fast ones), one thread 1-6% less
+// time. A guess at why: 32 KiB ahead plus a pass's 16 KiB of accumulators fill this CPU's 48 KiB
+// L1.
 constexpr int64_t kStagedAheadBytes = 16 * 1024;
 // Runs without bitmaps are also staged into L2 this far ahead (RunPrefetcher) when a sixteenth
 // of the channels or more are skipped. Their decode does little per byte, and with L1 prefetches
