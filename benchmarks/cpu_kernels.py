@@ -8,10 +8,11 @@ and the dual-sparse kernel at several weight / activation sparsities, and prints
 second of the bytes each one has to read, and speed-ups over dense fp32 and over the fastest dense
 16-bit kernel, all from the same run.
 At batch 1 each sparse configuration also gets a ``read-only`` row: the same call's bytes (the
-active channels' runs, split between threads as the kernel splits them) read with the kernel's
-software prefetch and no arithmetic (read_ceiling.py): what fetching those bytes costs on this
-machine in that minute, the yardstick for the kernel row above it (a yardstick, not a strict bound:
-the kernel reads four runs at a time and has come out up to 15% ahead on one shape).
+active channels' runs, split between threads as the kernel splits them) read in the kernel's
+order with its software prefetch and no arithmetic (read_ceiling.py; ``--reads`` picks the way
+both read, by default the CPU's): what fetching those bytes costs on this machine in that minute,
+the yardstick for the kernel row above it (a yardstick, not a strict bound: the reader reads a
+line at a time where the kernel reads blocks, and has come out behind the kernel by up to 15%).
 With several tokens it also times dense fp32 through oneDNN as vLLM's CPU backend runs dense
 linears (vLLM's prepacked ``onednn_mm`` where vLLM is installed), faster than torch's fp32 matmul
 (MKL) on AMD CPUs; ``vs fp32`` then compares with the faster of the two.
@@ -29,6 +30,7 @@ Usage::
     python benchmarks/cpu_kernels.py --tokens 4 --shapes 4096x4096
     python benchmarks/cpu_kernels.py --tokens 8 --values fp16 --shapes 2048x5632
     python benchmarks/cpu_kernels.py --threads 2 --panel-rows 2048,4096
+    python benchmarks/cpu_kernels.py --threads 2 --reads cursor
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/cpu_kernels.py --isa avx2
     python benchmarks/cpu_kernels.py --threads 1 --tokens 512 --repeats 5 \
         --shapes 6144x2048 2048x5632
@@ -45,19 +47,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from read_ceiling import (
-    RangeReader,
-    active_channels,
-    decode_ranges,
-    l1_ahead_bytes,
-    l2_stage_bytes,
-)
+from read_ceiling import RangeReader, active_channels, decode_ranges, decode_read
 
 from vllm_duogpt.kernels.cpu_kernel import (
     ISA_LEVELS,
+    READS,
     cap_cpu_kernel_isa,
     cpu_dual_sparse_linear,
     cpu_kernel_available,
+    set_cpu_reads,
 )
 from vllm_duogpt.kernels.cpu_layout import DEFAULT_PANEL_ROWS, CpuSparseWeight, pack_cpu_weight
 from vllm_duogpt.kernels.huge_pages import to_huge_pages
@@ -179,12 +177,13 @@ def bench_shape(
     pool_mib: int,
     gen: torch.Generator,
     reader: RangeReader | None,
+    reads: str,
     panel_sizes: list[int],
     value_dtype: torch.dtype,
 ) -> list[Row]:
     """All kernels on one ``[n, k]`` shape; with a reader, the pure read of every sparse
-    configuration's bytes too (batch 1); each sparse configuration packed with each of
-    ``panel_sizes`` (labelled ``pN`` when there are several)."""
+    configuration's bytes too (batch 1), the way the kernel reads them (``reads``); each sparse
+    configuration packed with each of ``panel_sizes`` (labelled ``pN`` when there are several)."""
     dense = masked_weight(n, k, 0.0, gen)
     x = torch.randn(tokens, k, generator=gen)
     x1, xb = x[0].contiguous(), x.bfloat16()
@@ -254,8 +253,7 @@ def bench_shape(
                     reader.reader(
                         decode_ranges(c, xi, tau, threads),
                         keep=c.data,
-                        ahead=l1_ahead_bytes(c, xi, tau),
-                        l2_ahead=l2_stage_bytes(c, xi, tau),
+                        **decode_read(c, xi, tau, reads),
                     )
                     for c, xi, tau in zip(copies, xs, taus, strict=True)
                 ]
@@ -317,6 +315,12 @@ def main() -> None:
         "follow ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA",
     )
     parser.add_argument(
+        "--reads",
+        choices=list(READS),
+        help="how the dual-sparse kernel, and the read-only rows, read the runs (default: the "
+        "way measured faster on this CPU's make)",
+    )
+    parser.add_argument(
         "--panel-rows",
         default=str(DEFAULT_PANEL_ROWS),
         help="CPU layout panel sizes to time side by side, comma list of multiples of 64",
@@ -335,6 +339,8 @@ def main() -> None:
             reason = cap_cpu_kernel_isa(args.isa)
         except ValueError as exc:
             parser.error(str(exc))
+    reason = set_cpu_reads(args.reads)
+    reads = reason.split("reads=")[1].split()[0]
     shapes = (
         [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         if args.shapes
@@ -356,6 +362,7 @@ def main() -> None:
             args.pool_mib,
             gen,
             reader,
+            reads,
             panel_sizes,
             VALUE_TYPES[args.values],
         )

@@ -3,7 +3,9 @@
 For each chunk size, fraction of chunks read, thread count and page size (4 KiB, or 2 MiB
 transparent huge pages as the CPU layout uses where it can), reads that fraction of the chunks of
 a 512 MiB buffer, chosen at random, in address order, split between threads, with the CPU
-kernel's software prefetch and no arithmetic (read_ceiling.RangeReader), and prints the useful
+kernel's software prefetch and no arithmetic (read_ceiling.RangeReader: one chunk after another
+with the cursor's prefetch, or with ``--streams N`` N chunks side by side, each prefetched as the
+kernel's stream reads do), and prints the useful
 GB/s (best of 5 passes) and, where the table has the fraction 1 too, the speed-up over reading
 every chunk: what skipping the other chunks gains, against the 1 / fraction that the bytes
 alone would give. At activation sparsity X, with runs of R bytes (4096-row panels: 4.6 KB at
@@ -17,6 +19,7 @@ Usage::
 
     python benchmarks/memory_ceiling.py
     python benchmarks/memory_ceiling.py --chunks 4608,8192 --fractions 1,0.5 --threads 1,2
+    python benchmarks/memory_ceiling.py --streams 8
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import argparse
 import time
 
 import torch
-from read_ceiling import PREFETCH_AHEAD_BYTES, RangeReader
+from read_ceiling import PREFETCH_AHEAD_BYTES, STREAM_AHEAD_BYTES, RangeReader
 
 from vllm_duogpt.kernels.huge_pages import huge_page_empty
 
@@ -53,11 +56,16 @@ def useful_gbs(
     chunk: int,
     fraction: float,
     threads: int,
+    streams: int,
 ) -> float:
-    """Useful GB/s of one configuration, best of ``PASSES`` passes."""
+    """Useful GB/s of one configuration, best of ``PASSES`` passes; ``streams`` chunks read side
+    by side (0: one after another)."""
     torch.set_num_threads(threads)
     ranges = chunk_ranges(buffer, chunk, fraction, threads, torch.Generator().manual_seed(1))
-    read = reader.reader(ranges, keep=buffer)
+    if streams:
+        read = reader.reader(ranges, keep=buffer, ahead=STREAM_AHEAD_BYTES, streams=streams)
+    else:
+        read = reader.reader(ranges, keep=buffer)
     useful = sum(len(s) for s, _ in ranges) * chunk
     best = float("inf")
     for _ in range(PASSES):
@@ -74,6 +82,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="1,0.5", help="fractions of chunks read")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--pages", default="4k,huge", help="page sizes: 4k, huge or both")
+    parser.add_argument(
+        "--streams", type=int, default=0, help="chunks read side by side (0: one after another)"
+    )
     args = parser.parse_args()
 
     chunks = [int(v) for v in args.chunks.split(",")]
@@ -82,6 +93,8 @@ def main() -> None:
     pages = args.pages.split(",")
     if not set(pages) <= {"4k", "huge"}:
         parser.error(f"--pages takes 4k and/or huge, got {args.pages}")
+    if args.streams < 0:
+        parser.error(f"--streams takes 0 or more, got {args.streams}")
     if any(not 0 < f <= 1 for f in fractions) or any(c < 64 for c in chunks):
         parser.error("need chunks of at least 64 bytes and fractions in (0, 1]")
     reader = RangeReader()
@@ -93,16 +106,20 @@ def main() -> None:
     header = f"{'chunk B':>8} {'fraction':>8} " + " ".join(
         f"{f'{t} thr {p}':>17}" for t, p in columns
     )
-    print(
-        f"prefetch {PREFETCH_AHEAD_BYTES} B ahead; useful GB/s, best of {PASSES} passes "
-        "(speed-up over reading every chunk)"
+    order = (
+        f"{args.streams} streams, each prefetched {STREAM_AHEAD_BYTES} B ahead"
+        if args.streams
+        else f"one stream, prefetched {PREFETCH_AHEAD_BYTES} B ahead"
     )
+    print(f"{order}; useful GB/s, best of {PASSES} passes (speed-up over reading every chunk)")
     print(header)
     print("-" * len(header))
     for chunk in chunks:
         # every chunk first: the other fractions' speed-ups are over its time
         rates = {
-            fraction: [useful_gbs(reader, buffers[p], chunk, fraction, t) for t, p in columns]
+            fraction: [
+                useful_gbs(reader, buffers[p], chunk, fraction, t, args.streams) for t, p in columns
+            ]
             for fraction in sorted(fractions, reverse=True)
         }
         for fraction in fractions:

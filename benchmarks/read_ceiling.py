@@ -4,11 +4,12 @@ A batch-1 decode call of the CPU dual-sparse kernel reads the runs of the active
 skips the others (kernels/cpu_layout.py). ``decode_ranges`` lists those runs, split between
 threads as the kernel splits them (``decode()`` in kernels/csrc/dual_sparse_cpu.cpp: the active
 channels cut into one slice per thread, each thread reading its slice panel after panel), and
-``RangeReader`` reads them with the kernel's software prefetch and no arithmetic
-(read_ranges.cpp), one run after another. That is what fetching the call's bytes costs on the
-same machine at the same moment: ``cpu_kernels.py`` times it next to the kernel, as a yardstick
-rather than a strict bound (the kernel reads four runs at a time, interleaved, and has come out
-up to 15% ahead on one shape), and ``memory_ceiling.py`` reads synthetic patterns with it.
+``RangeReader`` reads them the way the kernel does (one run after another or, with stream
+reads, several side by side), with its software prefetch and no arithmetic (read_ranges.cpp).
+That is what fetching the call's bytes costs on the same machine at the same moment:
+``cpu_kernels.py`` times it next to the kernel, as a yardstick rather than a strict bound (the
+reader reads a line at a time where the kernel reads blocks, and has come out behind the kernel
+by up to 15%), and ``memory_ceiling.py`` reads synthetic patterns with it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ PREFETCH_AHEAD_BYTES = 32 * 1024  # kPrefetchAheadBytes of the kernel
 STAGED_AHEAD_BYTES = 16 * 1024  # kStagedAheadBytes of the kernel
 L2_AHEAD_BYTES = 64 * 1024  # kL2AheadBytes of the kernel
 MIN_SLICE_CHANNELS = 16  # kMinSliceChannels of the kernel
+STREAM_AHEAD_BYTES = 1536  # kStreamAheadBytes of the kernel
+GROUP = 4  # kGroup of the kernel: runs with bitmaps read side by side
+STREAMS = 8  # kStreams of the kernel: runs without bitmaps read side by side with stream reads
 
 
 class RangeReader:
@@ -51,6 +55,7 @@ class RangeReader:
         keep: torch.Tensor,
         ahead: int = PREFETCH_AHEAD_BYTES,
         l2_ahead: int = 0,
+        streams: int = 0,
     ) -> Callable[[], int]:
         """A call that reads every thread's ranges at once and returns a checksum.
 
@@ -60,6 +65,8 @@ class RangeReader:
             keep: the tensor that holds those bytes: the call keeps it alive.
             ahead: bytes the prefetch runs ahead into L1 (``l1_ahead_bytes``).
             l2_ahead: bytes a second prefetch runs ahead into L2 (``l2_stage_bytes``), 0 for none.
+            streams: 0 to read the ranges one after another, else how many to read side by side,
+                each prefetched ``ahead`` bytes ahead of its own reads (``l2_ahead`` unused).
         """
         starts = torch.cat([s for s, _ in ranges])
         ends = torch.cat([e for _, e in ranges])
@@ -67,8 +74,21 @@ class RangeReader:
         thread_first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
         module = self._module
         return lambda: (
-            keep.data_ptr() and module.read_ranges(starts, ends, thread_first, ahead, l2_ahead)
+            keep.data_ptr()
+            and module.read_ranges(starts, ends, thread_first, ahead, l2_ahead, streams)
         )
+
+
+def decode_read(packed: CpuSparseWeight, x: torch.Tensor, tau: float, reads: str) -> dict[str, int]:
+    """``RangeReader.reader``'s keyword arguments that read a batch-1 call's runs as the kernel
+    does with ``reads`` (``cpu_kernel.READS``): with the cursor, one run after another with its
+    prefetch distances; with streams, ``GROUP`` runs with bitmaps or ``STREAMS`` without side by
+    side, ``STREAM_AHEAD_BYTES`` ahead."""
+    if reads == "streams":
+        return {"ahead": STREAM_AHEAD_BYTES, "streams": GROUP if packed.bitmaps else STREAMS}
+    if reads != "cursor":
+        raise ValueError(f"unknown reads {reads!r}")
+    return {"ahead": l1_ahead_bytes(packed, x, tau), "l2_ahead": l2_stage_bytes(packed, x, tau)}
 
 
 def l1_ahead_bytes(packed: CpuSparseWeight, x: torch.Tensor, tau: float) -> int:

@@ -1,8 +1,12 @@
 // Reads lists of byte ranges and does nothing else: the time any kernel needs just to bring
-// those bytes in from memory. Each thread walks its own ranges in order with the software
-// prefetch of the CPU decode kernel (kernels/csrc/dual_sparse_cpu.cpp, RunPrefetcher): every
-// 64-byte line of the ranges ahead, in read order, a fixed number of bytes ahead of the reads
-// into L1, and where the kernel stages runs into L2 too, a second cursor further ahead into L2.
+// those bytes in from memory. Each thread reads its own ranges the way the CPU decode kernel
+// (kernels/csrc/dual_sparse_cpu.cpp) reads its runs, with its software prefetch:
+// - cursor reads (RunPrefetcher): in order, every 64-byte line of the ranges ahead prefetched in
+//   read order a fixed number of bytes ahead of the reads into L1 and, where the kernel stages
+//   runs into L2 too, by a second cursor further ahead into L2;
+// - stream reads (StreamPrefetcher): G ranges side by side, line by line, each prefetched a
+//   fixed number of bytes ahead of its own reads and past its end into the range G further on;
+//   ranges left over after the last full group one at a time.
 // One 8-byte load per line is enough to bring the line in; the sum keeps the loads. Driven by
 // read_ceiling.py.
 
@@ -17,6 +21,12 @@ namespace {
 
 const char* line_of(uintptr_t address) {
   return reinterpret_cast<const char*>(address & ~uintptr_t{63});
+}
+
+uint64_t load_line(const char* line) {
+  uint64_t word;
+  std::memcpy(&word, line, 8);
+  return word;
 }
 
 // Walks ranges [range, last) line by line, prefetching with the given locality (3: into L1,
@@ -53,9 +63,7 @@ uint64_t read_in_order(const int64_t* starts, const int64_t* ends, int64_t first
   for (int64_t r = first; r < last; ++r) {
     const char* end = reinterpret_cast<const char*>(ends[r]);
     for (const char* line = line_of(starts[r]); line < end; line += 64) {
-      uint64_t word;
-      std::memcpy(&word, line, 8);
-      sum += word;
+      sum += load_line(line);
       lead -= 64;
       while (lead < ahead && l1.step()) lead += 64;
       l2_lead -= 64;
@@ -65,11 +73,53 @@ uint64_t read_in_order(const int64_t* starts, const int64_t* ends, int64_t first
   return sum;
 }
 
+// Ranges [first, last) of starts / ends read as streams: `streams` side by side, each
+// prefetched `ahead` bytes ahead into L1.
+uint64_t read_as_streams(const int64_t* starts, const int64_t* ends, int64_t first, int64_t last,
+                         int64_t streams, int64_t ahead) {
+  uint64_t sum = 0;
+  int64_t headed = first;  // ranges from here on: no stream has prefetched their first bytes
+  for (int64_t r = first; r < last;) {
+    const int64_t g = last - r >= streams ? streams : 1;
+    // the line `at` bytes into range q's stream: in q, else as far into range q + g
+    auto prefetch = [&](int64_t q, uintptr_t at) {
+      const uintptr_t end = ends[q];
+      if (at < end) return __builtin_prefetch(reinterpret_cast<const char*>(at), 0, 3);
+      const int64_t next = q + g;
+      if (next < last && starts[next] + (at - end) < static_cast<uintptr_t>(ends[next])) {
+        __builtin_prefetch(reinterpret_cast<const char*>(starts[next] + (at - end)), 0, 3);
+      }
+    };
+    int64_t longest = 0;
+    for (int64_t q = r; q < r + g; ++q) {
+      const uintptr_t first_line = reinterpret_cast<uintptr_t>(line_of(starts[q]));
+      longest = std::max<int64_t>(longest, ends[q] - first_line);
+      if (q < headed) continue;
+      for (uintptr_t at = first_line; at < static_cast<uintptr_t>(starts[q] + ahead); at += 64) {
+        prefetch(q, at);
+      }
+    }
+    headed = std::max(headed, r + 2 * g);
+    for (int64_t offset = 0; offset < longest; offset += 64) {
+      for (int64_t q = r; q < r + g; ++q) {
+        const char* line = line_of(starts[q]) + offset;
+        if (line >= reinterpret_cast<const char*>(ends[q])) continue;
+        sum += load_line(line);
+        prefetch(q, reinterpret_cast<uintptr_t>(line) + ahead);
+      }
+    }
+    r += g;
+  }
+  return sum;
+}
+
 // starts, ends: [n] int64 byte addresses; thread_first: [T + 1] int64, thread t reads ranges
 // [thread_first[t], thread_first[t + 1]); ahead, l2_ahead: prefetch distances in bytes (0: no
-// L2 stage). Returns the sum of the words read.
+// L2 stage); streams: 0 for cursor reads, else the ranges read side by side (l2_ahead unused).
+// Returns the sum of the words read.
 int64_t read_ranges(const at::Tensor& starts, const at::Tensor& ends,
-                    const at::Tensor& thread_first, int64_t ahead, int64_t l2_ahead) {
+                    const at::Tensor& thread_first, int64_t ahead, int64_t l2_ahead,
+                    int64_t streams) {
   TORCH_CHECK(starts.dtype() == at::kLong && ends.dtype() == at::kLong &&
                   thread_first.dtype() == at::kLong,
               "read_ranges: int64 tensors expected");
@@ -85,7 +135,8 @@ int64_t read_ranges(const at::Tensor& starts, const at::Tensor& ends,
   std::vector<uint64_t> sums(threads, 0);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      sums[t] = read_in_order(s, e, tf[t], tf[t + 1], ahead, l2_ahead);
+      sums[t] = streams > 0 ? read_as_streams(s, e, tf[t], tf[t + 1], streams, ahead)
+                            : read_in_order(s, e, tf[t], tf[t + 1], ahead, l2_ahead);
     }
   });
   uint64_t total = 0;

@@ -36,12 +36,14 @@ from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 
 __all__ = [
     "ISA_LEVELS",
+    "READS",
     "CpuSparseWeight",
     "cap_cpu_kernel_isa",
     "cpu_dense16_linear",
     "cpu_dual_sparse_linear",
     "cpu_kernel_available",
     "pack_cpu_weight",
+    "set_cpu_reads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ LDFLAGS = ["-fopenmp"]
 
 # The kernel's code paths, each the next one's fallback (cpu_kernel_config's ISA levels).
 ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
+# How decode reads the active runs (cpu_kernel_config's Reads): one prefetch cursor in read order,
+# or one stream per run read side by side; the default is the one measured faster on the CPU's
+# make (streams on Intel, the cursor elsewhere).
+READS = {"cursor": 0, "streams": 1}
 
 _lock = threading.Lock()
 _status: tuple[bool, str] | None = None
@@ -137,7 +143,7 @@ def cpu_kernel_available() -> tuple[bool, str]:
         if _status is None:
             try:
                 _build_and_load()
-                _status = (True, torch.ops.duogpt.cpu_kernel_config(-1, -1))
+                _status = (True, torch.ops.duogpt.cpu_kernel_config(-1, -1, -1))
             except Exception as exc:  # no compiler, no headers, read-only cache, ...
                 _status = (False, f"CPU kernel build failed: {type(exc).__name__}: {exc}")
     return _status
@@ -163,10 +169,32 @@ def cap_cpu_kernel_isa(isa: str) -> str:
     ok, reason = cpu_kernel_available()
     if not ok:
         raise RuntimeError(reason)
-    config = torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], -1)
+    config = torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], -1, -1)
     if not config.startswith(f"isa={isa} "):
         raise ValueError(f"this CPU cannot run the {isa} path: {config}")
     return config
+
+
+def set_cpu_reads(reads: str | None) -> str:
+    """Make the CPU kernel's decode read its runs one way from now on, in this process: to time
+    or test the way this CPU does not default to.
+
+    Args:
+        reads: a name in ``READS``, or None for this CPU's default.
+
+    Returns:
+        The kernel's configuration line, as ``cpu_kernel_available`` gives it.
+
+    Raises:
+        ValueError: on an unknown name.
+        RuntimeError: when the kernel is not available.
+    """
+    if reads is not None and reads not in READS:
+        raise ValueError(f"unknown reads {reads!r}; expected one of {', '.join(READS)}")
+    ok, reason = cpu_kernel_available()
+    if not ok:
+        raise RuntimeError(reason)
+    return torch.ops.duogpt.cpu_kernel_config(-1, -1, -2 if reads is None else READS[reads])
 
 
 # x: [..., K] float; packed: [N, K] in the CPU layout; bias: [N] or None

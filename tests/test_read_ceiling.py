@@ -11,12 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 from read_ceiling import (
+    GROUP,
     L2_AHEAD_BYTES,
     MIN_SLICE_CHANNELS,
     PREFETCH_AHEAD_BYTES,
     STAGED_AHEAD_BYTES,
+    STREAM_AHEAD_BYTES,
+    STREAMS,
     RangeReader,
     decode_ranges,
+    decode_read,
     l1_ahead_bytes,
     l2_stage_bytes,
 )
@@ -65,8 +69,13 @@ def test_decode_ranges_are_the_active_runs_in_kernel_order(threads: int) -> None
         assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == runs
 
 
-@pytest.mark.parametrize(("ahead", "l2_ahead"), [(64, 0), (16384, 128), (32768, 1 << 20)])
-def test_reader_reads_every_line_of_every_range(ahead: int, l2_ahead: int) -> None:
+@pytest.mark.parametrize(
+    ("ahead", "l2_ahead", "streams"),
+    [(64, 0, 0), (16384, 128, 0), (32768, 1 << 20, 0), (64, 0, 2), (1536, 0, 2), (4096, 0, 8)],
+)
+def test_reader_reads_every_line_of_every_range(ahead: int, l2_ahead: int, streams: int) -> None:
+    """Cursor reads, and stream reads: two streams take the first thread's first two ranges side
+    by side and its third alone; eight, more than a thread has, take every range alone."""
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(1)
     buffer = torch.randint(0, 2**40, (4096,), generator=gen, dtype=torch.int64)  # 32 KiB
@@ -80,7 +89,10 @@ def test_reader_reads_every_line_of_every_range(ahead: int, l2_ahead: int) -> No
         (torch.tensor([base + a for a, _ in rs]), torch.tensor([base + b for _, b in rs]))
         for rs in per_thread
     ]
-    checksum = RangeReader().reader(ranges, keep=buffer, ahead=ahead, l2_ahead=l2_ahead)()
+    read = RangeReader().reader(
+        ranges, keep=buffer, ahead=ahead, l2_ahead=l2_ahead, streams=streams
+    )
+    checksum = read()
 
     words = buffer.view(-1, 8)[:, 0]  # the first 8 bytes of each 64-byte line
     want = torch.zeros((), dtype=torch.int64)
@@ -108,3 +120,24 @@ def test_prefetch_distances_follow_the_kernel_rule() -> None:
 
 def distances(packed, x: torch.Tensor) -> tuple[int, int]:
     return l1_ahead_bytes(packed, x, 0.5), l2_stage_bytes(packed, x, 0.5)
+
+
+def test_decode_read_follows_the_kernel() -> None:
+    """The reader's arguments for each of the kernel's ways to read: the cursor's distances, or
+    its streams (kGroup runs with bitmaps, kStreams without) and their distance."""
+    dense = pack_cpu_weight(torch.randn(128, 64), panel_rows=128)
+    sparse = packed_weight(128, 64, panel_rows=128)
+    x = torch.ones(1, 64)
+    x[0, :8] = 0.0
+    assert decode_read(dense, x, 0.5, "cursor") == {
+        "ahead": STAGED_AHEAD_BYTES,
+        "l2_ahead": L2_AHEAD_BYTES,
+    }
+    assert decode_read(sparse, x, 0.5, "cursor") == {"ahead": PREFETCH_AHEAD_BYTES, "l2_ahead": 0}
+    assert decode_read(dense, x, 0.5, "streams") == {
+        "ahead": STREAM_AHEAD_BYTES,
+        "streams": STREAMS,
+    }
+    assert decode_read(sparse, x, 0.5, "streams") == {"ahead": STREAM_AHEAD_BYTES, "streams": GROUP}
+    with pytest.raises(ValueError, match="unknown reads 'random'"):
+        decode_read(dense, x, 0.5, "random")

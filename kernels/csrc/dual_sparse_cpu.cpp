@@ -14,8 +14,10 @@
 //           after another, skipping inactive channels' runs; several tokens: one segment of the
 //           runs at a time), expand 16-bit values to fp32 in registers, accumulate a panel (a
 //           segment) in a cache-resident buffer and sum their partial outputs at the end. Only
-//           active channels' bytes are read, and a software prefetcher walks those bytes 32 KiB
-//           ahead of the reads (RunPrefetcher).
+//           active channels' bytes are read, and a software prefetcher reads ahead of the pass:
+//           one cursor over those bytes in read order (RunPrefetcher), or one stream per run
+//           read side by side (StreamPrefetcher), whichever the CPU was measured to read faster
+//           (Reads).
 //   prefill (M >= prefill_min_tokens(isa)): one row slice at a time, threads decompress its
 //           channels into a row-major fp32 tile, then one GEMM (oneDNN through PyTorch, else
 //           at::addmm) multiplies all tokens with it: never a dense copy of the layer.
@@ -36,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -56,18 +59,31 @@ constexpr int64_t kMinSliceChannels = 16;
 // Channels decoded together. Each run's next block address waits on a load and a popcount of
 // the current block's bitmap; four independent runs hide that chain (AVX-512, per 16 rows:
 // 1.0 ns with one channel, 0.76 ns with four). Several tokens share each group's expanded blocks
-// in registers. One token over runs without bitmaps has no such chain and reads one run at a
-// time: one stream rather than four (4096-row panels, W0/X50 on the LLaMA-7B shapes, one
-// thread, two builds run alternately twice: 0.75-0.76 / 1.83-2.00 / 1.89-2.02 ms against
+// in registers. One token over runs without bitmaps has no such chain and, with cursor reads
+// (the default on AMD Zen 5, where this was measured; see Reads), reads one run at a time: one
+// stream rather than four (4096-row panels, W0/X50 on the LLaMA-7B shapes, one thread, two
+// builds run alternately twice: 0.75-0.76 / 1.83-2.00 / 1.89-2.02 ms against
 // 0.82-0.85 / 2.11 / 2.20-2.23 ms with four, 1.59-1.89x dense16 against 1.47-1.68x). Eight runs
 // with bitmaps, as fast as four in L2, were 6-15% slower from memory at W50/X50 (one thread, two
 // alternated runs, by hand): GCC spills their pointers to the stack.
 constexpr int kGroup = 4;
+// Runs without bitmaps one token decodes side by side when decode reads streams (stream_reads()),
+// and how far ahead of its reads each stream is prefetched (StreamPrefetcher). On the Intel Xeon
+// (2 GHz, KVM) where streams were measured, reading 8 KiB chunks with this software prefetch and
+// no arithmetic gave one thread 12-14 GB/s as one stream at any distance (2 to 32 KiB, into L1
+// or L2), 18-22 GB/s as 4 to 16 streams 768 to 4096 bytes ahead, and two threads 22 against
+// 35-40 (by hand). In the kernel, 8 streams without bitmaps against 1 took W0/X50 on the
+// LLaMA-7B shapes from 1.1-1.2x to 1.8-1.9x dense16 on two threads; with bitmaps, 8 streams were
+// no faster from memory than 4 and slower in L2 (the pointers spill), so they keep kGroup; 768
+// or 3072 bytes ahead instead of 1536 were within the noise (benchmarks/cpu_kernels.py on two
+// shapes, alternated builds, by hand).
+constexpr int kStreams = 8;
+constexpr int64_t kStreamAheadBytes = 1536;
 // Channels a decode pass of MT tokens (0: several) over a layout with or without bitmaps (BM)
 // decodes together, where `several` is what the ISA's registers hold for several tokens: both
 // ISAs' decode_pass follow this one rule.
-constexpr int decode_group(int MT, bool BM, int several) {
-  return MT == 1 ? (BM ? kGroup : 1) : several;
+constexpr int decode_group(int MT, bool BM, int several, bool streams) {
+  return MT == 1 ? (BM ? kGroup : streams ? kStreams : 1) : several;
 }
 // Several tokens, AVX-512: six channels' expanded blocks (24 of the 32 zmm registers) next to one
 // token's 4 sums and its broadcast activation, so each token's sums are loaded and stored once
@@ -352,7 +368,7 @@ class RunPrefetcher {
   }
   // The pass starts decoding a group of runs whose read positions are p.
   template <int G>
-  inline void start_group(const uint16_t* const (&p)[G]) {
+  inline void start_group(const uint16_t* const (&p)[G], int64_t) {
     reported_ = read_position(p);
   }
   // The group's read positions are now p: prefetch as many bytes as it has read since the last
@@ -378,6 +394,82 @@ class RunPrefetcher {
   const bool staged_;
   uintptr_t reported_ = 0;  // the group's read positions, summed, when last reported
 };
+
+// Reads ahead of a decode pass as streams: each of the G runs a group decodes side by side is
+// prefetched kStreamAheadBytes ahead of its own reads and, past its end, into the run the same
+// stream reads next (the same place in the next group), as far as that run goes. Where the
+// memory serves several streams faster than one (see kStreams), this keeps the pass reading G.
+class StreamPrefetcher {
+ public:
+  StreamPrefetcher(const Layout& L, const ActiveSet& a, const Pass& ps) : L_(L), a_(a), ps_(ps) {}
+  // The pass starts decoding runs [i, i + G), whose read positions are p.
+  template <int G>
+  inline void start_group(const uint16_t* const (&p)[G], int64_t i) {
+    static_assert(G <= kStreams, "more runs than streams");
+    for (int g = 0; g < G; ++g) {
+      pos_[g] = reinterpret_cast<uintptr_t>(p[g]);
+      end_[g] = address(i + g, ps_.s1);
+      const int64_t j = i + G + g;
+      next_[g] = j < ps_.i1 ? address(j, ps_.s0) : 0;
+      next_end_[g] = j < ps_.i1 ? address(j, ps_.s1) : 0;
+      // a run no earlier stream ran into: its first bytes
+      if (i + g >= headed_) prefetch(g, pos_[g] & ~uintptr_t{63}, pos_[g] + kStreamAheadBytes);
+    }
+    headed_ = std::max(headed_, i + 2 * G);
+  }
+  // The group's read positions are now p.
+  template <int G>
+  inline void report(const uint16_t* const (&p)[G]) {
+    for (int g = 0; g < G; ++g) {
+      const uintptr_t now = reinterpret_cast<uintptr_t>(p[g]);
+      prefetch(g, pos_[g] + kStreamAheadBytes, now + kStreamAheadBytes);
+      pos_[g] = now;
+    }
+  }
+
+ private:
+  uintptr_t address(int64_t i, int64_t s) const {
+    return reinterpret_cast<uintptr_t>(L_.segment(ps_.p, a_.idx[i], s));
+  }
+  // Stream g's lines from lo to hi, as addresses of its current run continued into its next.
+  inline void prefetch(int g, uintptr_t lo, uintptr_t hi) {
+    for (uintptr_t at = (lo + 63) & ~uintptr_t{63}; at < hi; at += 64) {
+      if (at < end_[g]) {
+        __builtin_prefetch(reinterpret_cast<const void*>(at), 0, 3);
+      } else if (next_[g] + (at - end_[g]) < next_end_[g]) {
+        __builtin_prefetch(reinterpret_cast<const void*>(next_[g] + (at - end_[g])), 0, 3);
+      }
+    }
+  }
+  const Layout& L_;
+  const ActiveSet& a_;
+  const Pass& ps_;
+  int64_t headed_ = 0;  // runs from here on: no stream has prefetched their first bytes
+  uintptr_t pos_[kStreams], end_[kStreams], next_[kStreams], next_end_[kStreams];
+};
+
+// How decode reads its runs: kCursorReads (RunPrefetcher; runs without bitmaps one at a time) or
+// kStreamReads (StreamPrefetcher; kStreams of them side by side). Measured: streams on an Intel
+// Xeon (kStreams), the cursor on AMD Zen 5, where one run at a time was faster (kGroup) and
+// every distance above was tuned; other CPUs get the cursor, the older of the two.
+enum Reads : int { kCursorReads = 0, kStreamReads = 1 };
+const char* const kReadsNames[] = {"cursor", "streams"};
+
+int default_reads() {
+#ifdef DUOGPT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return kStreamReads;
+#endif
+  return kCursorReads;
+}
+
+std::atomic<int> g_reads{-1};  // -1: default_reads(); tests set each
+
+int active_reads() {
+  static const int by_cpu = default_reads();
+  const int forced = g_reads.load();
+  return forced >= 0 ? forced : by_cpu;
+}
 
 // ---------------------------------------------------------------- portable paths
 
@@ -507,14 +599,14 @@ inline const uint16_t* expand_block(const uint16_t* p, __m256 w[8]) {
 // G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. One token
 // keeps a block's 8 sums in registers across the G channels; more tokens go through memory
 // (16 ymm registers do not hold G expanded blocks).
-template <int KIND, int MT, int G, bool BM>
+template <int KIND, int MT, int G, bool BM, class Ahead>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
-                            int64_t i, float* acc, RunPrefetcher& ahead) {
+                            int64_t i, float* acc, Ahead& ahead) {
   const int64_t blocks = ps.blocks(), stride = acc_stride(blocks);
   const uint16_t* p[G];
   for (int g = 0; g < G; ++g) p[g] = L.segment(ps.p, a.idx[i + g], ps.s0);
   const float* xs = &a.xs[i * M];
-  ahead.start_group(p);
+  ahead.start_group(p, i);
   for (int64_t b = 0; b < blocks;) {
     for (const int64_t stop = std::min(b + report_blocks(BM), blocks); b < stop; ++b) {
       float* out = acc + b * kBlockRows;
@@ -547,16 +639,25 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
 }
 
 // MT: the token count when known at compile time (1), else 0 and M at run time.
-template <int KIND, int MT, bool BM>
-void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
-  const int64_t M = MT ? MT : M_;
-  RunPrefetcher ahead(L, a, ps);
+template <int KIND, int MT, bool BM, class Ahead>
+void decode_runs(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps, float* acc) {
+  Ahead ahead(L, a, ps);
   int64_t i = ps.i0;
-  constexpr int G = decode_group(MT, BM, kGroup);
+  constexpr int G = decode_group(MT, BM, kGroup, std::is_same_v<Ahead, StreamPrefetcher>);
   for (; i + G <= ps.i1; i += G) {
     decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
   }
   for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
+}
+
+template <int KIND, int MT, bool BM>
+void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
+  const int64_t M = MT ? MT : M_;
+  if (active_reads() == kStreamReads) {
+    decode_runs<KIND, MT, BM, StreamPrefetcher>(L, a, M, ps, acc);
+  } else {
+    decode_runs<KIND, MT, BM, RunPrefetcher>(L, a, M, ps, acc);
+  }
 }
 
 // Transposes 8 channels x 8 rows (in[c] holds rows r..r+7 of channel c) into 8 tile rows of 8
@@ -728,16 +829,16 @@ inline void natural_order(float* acc) {
 
 // G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. The
 // expanded blocks of the G channels stay in registers while every token uses them.
-template <int KIND, int MT, int G, bool BM>
+template <int KIND, int MT, int G, bool BM, class Ahead>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
-                            int64_t i, float* acc, RunPrefetcher& ahead) {
+                            int64_t i, float* acc, Ahead& ahead) {
   const int64_t blocks = ps.blocks(), stride = acc_stride(blocks);
   const uint16_t* p[G];
   for (int g = 0; g < G; ++g) p[g] = L.segment(ps.p, a.idx[i + g], ps.s0);
   const float* xs = &a.xs[i * M];
   __m512 x1[G];  // one token: the activations, broadcast once
   for (int g = 0; g < G; ++g) x1[g] = _mm512_set1_ps(xs[g * M]);
-  ahead.start_group(p);
+  ahead.start_group(p, i);
   for (int64_t b = 0; b < blocks;) {
     for (const int64_t stop = std::min(b + report_blocks(BM), blocks); b < stop; ++b) {
       float* out = acc + b * kBlockRows;
@@ -769,16 +870,26 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
 }
 
 // MT: the token count when known at compile time (1), else 0 and M at run time.
-template <int KIND, int MT, bool BM>
-void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
-  const int64_t M = MT ? MT : M_;
-  RunPrefetcher ahead(L, a, ps);
+template <int KIND, int MT, bool BM, class Ahead>
+void decode_runs(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps, float* acc) {
+  Ahead ahead(L, a, ps);
   int64_t i = ps.i0;
-  constexpr int G = decode_group(MT, BM, kGroupSeveralAvx512);
+  constexpr int G =
+      decode_group(MT, BM, kGroupSeveralAvx512, std::is_same_v<Ahead, StreamPrefetcher>);
   for (; i + G <= ps.i1; i += G) {
     decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
   }
   for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
+}
+
+template <int KIND, int MT, bool BM>
+void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
+  const int64_t M = MT ? MT : M_;
+  if (active_reads() == kStreamReads) {
+    decode_runs<KIND, MT, BM, StreamPrefetcher>(L, a, M, ps, acc);
+  } else {
+    decode_runs<KIND, MT, BM, RunPrefetcher>(L, a, M, ps, acc);
+  }
   const int64_t stride = acc_stride(ps.blocks()), rows = ps.blocks() * kBlockRows;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t r = 0; r < rows; r += 32) natural_order<KIND>(acc + m * stride + r);
@@ -1267,16 +1378,21 @@ at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& w,
   return y;
 }
 
-// Caps the ISA (tests run every path on one machine) and forces the token count from which the
-// prefill path runs (-2: back to the measured default); -1 leaves a setting alone.
-std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_) {
+// Caps the ISA (tests run every path on one machine), forces the token count from which the
+// prefill path runs and how decode reads its runs (Reads); -2 restores a setting's default, -1
+// leaves it alone.
+std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_, int64_t reads) {
   if (max_isa >= 0) g_max_isa.store(static_cast<int>(std::min<int64_t>(max_isa, kAvx512)));
   if (prefill_min_tokens_ >= 0 || prefill_min_tokens_ == -2) {
     g_prefill_min_tokens.store(prefill_min_tokens_ == -2 ? -1 : prefill_min_tokens_);
   }
+  TORCH_CHECK(reads >= -2 && reads <= kStreamReads, "cpu_kernel_config: reads ", reads,
+              " is not -2, -1, 0 (cursor) or 1 (streams)");
+  if (reads != -1) g_reads.store(reads == -2 ? -1 : static_cast<int>(reads));
   const int isa = active_isa();
   return std::string("isa=") + kIsaNames[isa] + " detected=" + kIsaNames[detect_isa()] +
-         " prefill_min_tokens=" + std::to_string(prefill_min_tokens(isa));
+         " prefill_min_tokens=" + std::to_string(prefill_min_tokens(isa)) +
+         " reads=" + kReadsNames[active_reads()];
 }
 
 }  // namespace duogpt_cpu
@@ -1286,7 +1402,7 @@ TORCH_LIBRARY_FRAGMENT(duogpt, m) {
       "cpu_dual_sparse_linear(Tensor x, Tensor data, Tensor offsets, int out_features, "
       "int panel_rows, int value_kind, bool bitmaps, float threshold, Tensor? bias) -> Tensor");
   m.def("cpu_dense16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens) -> str",
+  m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens, int reads) -> str",
         &duogpt_cpu::cpu_kernel_config);
 }
 
