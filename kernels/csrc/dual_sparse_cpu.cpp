@@ -67,7 +67,7 @@ constexpr int64_t kMinSliceChannels = 16;
 // with bitmaps, as fast as four in L2, were 6-15% slower from memory at W50/X50 (one thread, two
 // alternated runs, by hand): GCC spills their pointers to the stack.
 constexpr int kGroup = 4;
-// Runs without bitmaps one token decodes side by side when decode reads streams (stream_reads()),
+// Runs without bitmaps one token decodes side by side when decode reads streams (Reads below),
 // and how far ahead of its reads each stream is prefetched (StreamPrefetcher). On the Intel Xeon
 // (2 GHz, KVM) where streams were measured, reading 8 KiB chunks with this software prefetch and
 // no arithmetic gave one thread 12-14 GB/s as one stream at any distance (2 to 32 KiB, into L1
