@@ -31,6 +31,7 @@ Usage::
     python benchmarks/cpu_kernels.py --tokens 8 --values fp16 --shapes 2048x5632
     python benchmarks/cpu_kernels.py --threads 2 --panel-rows 2048,4096
     python benchmarks/cpu_kernels.py --threads 2 --reads cursor
+    python benchmarks/cpu_kernels.py --threads 2 --widening unpack
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/cpu_kernels.py --isa avx2
     python benchmarks/cpu_kernels.py --threads 1 --tokens 512 --repeats 5 \
         --shapes 6144x2048 2048x5632
@@ -52,10 +53,12 @@ from read_ceiling import RangeReader, active_channels, decode_ranges, decode_rea
 from vllm_duogpt.kernels.cpu_kernel import (
     ISA_LEVELS,
     READS,
+    WIDENINGS,
     cap_cpu_kernel_isa,
     cpu_dual_sparse_linear,
     cpu_kernel_available,
     set_cpu_reads,
+    set_cpu_widening,
 )
 from vllm_duogpt.kernels.cpu_layout import DEFAULT_PANEL_ROWS, CpuSparseWeight, pack_cpu_weight
 from vllm_duogpt.kernels.huge_pages import to_huge_pages
@@ -321,6 +324,12 @@ def main() -> None:
         "way measured faster on this CPU's make)",
     )
     parser.add_argument(
+        "--widening",
+        choices=list(WIDENINGS),
+        help="how the AVX-512 paths widen bf16 values (default: the way measured faster on this "
+        "CPU's make)",
+    )
+    parser.add_argument(
         "--panel-rows",
         default=str(DEFAULT_PANEL_ROWS),
         help="CPU layout panel sizes to time side by side, comma list of multiples of 64",
@@ -339,6 +348,7 @@ def main() -> None:
             reason = cap_cpu_kernel_isa(args.isa)
         except ValueError as exc:
             parser.error(str(exc))
+    set_cpu_widening(args.widening)
     reason = set_cpu_reads(args.reads)
     reads = reason.split("reads=")[1].split()[0]
     shapes = (

@@ -37,6 +37,7 @@ from vllm_duogpt.kernels.reference import dual_sparse_linear_reference
 __all__ = [
     "ISA_LEVELS",
     "READS",
+    "WIDENINGS",
     "CpuSparseWeight",
     "cap_cpu_kernel_isa",
     "cpu_dense16_linear",
@@ -44,6 +45,7 @@ __all__ = [
     "cpu_kernel_available",
     "pack_cpu_weight",
     "set_cpu_reads",
+    "set_cpu_widening",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,10 @@ ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
 # or one stream per run read side by side; the default is the one measured faster on the CPU's
 # make (streams on Intel, the cursor elsewhere).
 READS = {"cursor": 0, "streams": 1}
+# How the AVX-512 paths widen bf16 values to float32 (cpu_kernel_config's Widening): interleaving
+# with zeros, or shifting and masking; the default is the one measured faster on the CPU's make
+# (shifts on Intel, interleaves elsewhere). Both give the same floats.
+WIDENINGS = {"unpack": 0, "shift": 1}
 
 _lock = threading.Lock()
 _status: tuple[bool, str] | None = None
@@ -143,7 +149,7 @@ def cpu_kernel_available() -> tuple[bool, str]:
         if _status is None:
             try:
                 _build_and_load()
-                _status = (True, torch.ops.duogpt.cpu_kernel_config(-1, -1, -1))
+                _status = (True, torch.ops.duogpt.cpu_kernel_config(-1, -1, -1, -1))
             except Exception as exc:  # no compiler, no headers, read-only cache, ...
                 _status = (False, f"CPU kernel build failed: {type(exc).__name__}: {exc}")
     return _status
@@ -169,7 +175,7 @@ def cap_cpu_kernel_isa(isa: str) -> str:
     ok, reason = cpu_kernel_available()
     if not ok:
         raise RuntimeError(reason)
-    config = torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], -1, -1)
+    config = torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], -1, -1, -1)
     if not config.startswith(f"isa={isa} "):
         raise ValueError(f"this CPU cannot run the {isa} path: {config}")
     return config
@@ -189,12 +195,37 @@ def set_cpu_reads(reads: str | None) -> str:
         ValueError: on an unknown name.
         RuntimeError: when the kernel is not available.
     """
-    if reads is not None and reads not in READS:
-        raise ValueError(f"unknown reads {reads!r}; expected one of {', '.join(READS)}")
+    return _set_choice("reads", reads, READS)
+
+
+def set_cpu_widening(widening: str | None) -> str:
+    """Make the CPU kernel's AVX-512 paths widen bf16 values one way from now on, in this process:
+    to time or test the way this CPU does not default to.
+
+    Args:
+        widening: a name in ``WIDENINGS``, or None for this CPU's default.
+
+    Returns:
+        The kernel's configuration line, as ``cpu_kernel_available`` gives it.
+
+    Raises:
+        ValueError: on an unknown name.
+        RuntimeError: when the kernel is not available.
+    """
+    return _set_choice("widening", widening, WIDENINGS)
+
+
+def _set_choice(setting: str, name: str | None, choices: dict[str, int]) -> str:
+    """Set one of ``cpu_kernel_config``'s choices (``reads`` or ``widening``) by name, or back to
+    this CPU's default with None; returns the configuration line."""
+    if name is not None and name not in choices:
+        raise ValueError(f"unknown {setting} {name!r}; expected one of {', '.join(choices)}")
     ok, reason = cpu_kernel_available()
     if not ok:
         raise RuntimeError(reason)
-    return torch.ops.duogpt.cpu_kernel_config(-1, -1, -2 if reads is None else READS[reads])
+    code = -2 if name is None else choices[name]
+    args = {"reads": -1, "widening": -1, setting: code}
+    return torch.ops.duogpt.cpu_kernel_config(-1, -1, args["reads"], args["widening"])
 
 
 # x: [..., K] float; packed: [N, K] in the CPU layout; bias: [N] or None

@@ -4,7 +4,8 @@ The oracle is ``dual_sparse_linear_reference`` applied to the weight the layout 
 (``unpack_cpu_weight``: the checkpoint values rounded once to 16 bits). Every ISA path the machine
 has (scalar, AVX2, AVX-512) runs over a named table of shapes, weight sparsities {0.5, 0.7},
 activation sparsities {0, 0.5, 0.9, 1.0}, token counts {1, 3, 64}, 1 and 2 threads and both ways
-of reading the runs (``READS``: a prefetch cursor, or streams side by side); the 50%
+of reading the runs (``READS``: a prefetch cursor, or streams side by side), and on AVX-512 both
+ways of widening bf16 values (``WIDENINGS``: interleaves or shifts); the 50%
 case packs a float32 weight (bf16 values), the 70% case an fp16 checkpoint (fp16 values). 64
 tokens take the GEMM path on AVX2 and scalar, the decode path on AVX-512; a separate test forces
 each path for every token count. The first run builds the extension (20-30 s), later runs load
@@ -25,11 +26,13 @@ from vllm_duogpt.kernels import cpu_kernel
 from vllm_duogpt.kernels.cpu_kernel import (
     ISA_LEVELS,
     READS,
+    WIDENINGS,
     cap_cpu_kernel_isa,
     cpu_dense16_linear,
     cpu_dual_sparse_linear,
     cpu_kernel_available,
     set_cpu_reads,
+    set_cpu_widening,
 )
 from vllm_duogpt.kernels.cpu_layout import (
     CpuSparseWeight,
@@ -92,12 +95,12 @@ def packed_case(name: str, sparsity: float) -> tuple[CpuSparseWeight, torch.Tens
 
 @pytest.fixture
 def kernel_config() -> Iterator[None]:
-    """Restore the kernel's ISA cap, prefill crossover, reads and torch's thread count after a
-    test."""
+    """Restore the kernel's ISA cap, prefill crossover, reads, widening and torch's thread count
+    after a test."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-    torch.ops.duogpt.cpu_kernel_config(2, -2, -2)  # all ISAs, measured crossover, CPU's reads
+    torch.ops.duogpt.cpu_kernel_config(2, -2, -2, -2)  # all ISAs, measured crossover, CPU's ways
 
 
 def supported_isas() -> list[str]:
@@ -210,28 +213,44 @@ def test_isa_cap_names_the_path_it_runs(kernel_config) -> None:
 
 
 @needs_kernel
-def test_reads_setting_names_the_way_it_reads(kernel_config) -> None:
-    default = set_cpu_reads(None).split("reads=")[1]
-    assert default in READS
-    for reads in READS:
-        assert set_cpu_reads(reads).endswith(f" reads={reads}")
-    assert set_cpu_reads(None).endswith(f" reads={default}")
-    with pytest.raises(ValueError, match="unknown reads 'random'"):
-        set_cpu_reads("random")
+@pytest.mark.parametrize(
+    ("setting", "setter", "choices"),
+    [("reads", set_cpu_reads, READS), ("widening", set_cpu_widening, WIDENINGS)],
+)
+def test_decode_settings_name_the_way_they_run(setting, setter, choices, kernel_config) -> None:
+    def chosen(config: str) -> str:
+        return config.split(f" {setting}=")[1].split()[0]
+
+    default = chosen(setter(None))
+    assert default in choices
+    for name in choices:
+        assert chosen(setter(name)) == name
+    assert chosen(setter(None)) == default
+    with pytest.raises(ValueError, match=f"unknown {setting} 'random'"):
+        setter("random")
+
+
+def skip_unless_widened(isa: str, widening: str) -> None:
+    """Only the AVX-512 paths widen by shifts: the other ISAs' cases would run twice."""
+    if widening != "unpack" and isa != "avx512":
+        pytest.skip(f"the {isa} path does not widen by {widening}")
 
 
 @needs_kernel
+@pytest.mark.parametrize("widening", list(WIDENINGS))
 @pytest.mark.parametrize("reads", list(READS))
 @pytest.mark.parametrize("isa", list(ISA_LEVELS))
 @pytest.mark.parametrize("weight_sparsity", list(WEIGHT_CASES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_matches_reference(
-    name: str, weight_sparsity: float, isa: str, reads: str, kernel_config
+    name: str, weight_sparsity: float, isa: str, reads: str, widening: str, kernel_config
 ) -> None:
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
+    skip_unless_widened(isa, widening)
     cap_cpu_kernel_isa(isa)
     set_cpu_reads(reads)
+    set_cpu_widening(widening)
     packed, weight = packed_case(name, weight_sparsity)
     assert packed.bitmaps == (weight_sparsity > 0)
     n, k = SHAPES[name]
@@ -249,15 +268,17 @@ def test_matches_reference(
                 assert y.shape == ref.shape
                 assert err <= TOLERANCE, (
                     f"{name} W{weight_sparsity} X{act_sparsity} M={tokens} threads={threads} "
-                    f"{isa} {reads}: error {err}"
+                    f"{isa} {reads} {widening}: error {err}"
                 )
 
 
 @needs_kernel
+@pytest.mark.parametrize("widening", list(WIDENINGS))
 @pytest.mark.parametrize("crossover", [0, 10**9])
-def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
-    """Every token count through the decode path, and through the GEMM path."""
-    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1)
+def test_decode_and_prefill_paths_agree(crossover: int, widening: str, kernel_config) -> None:
+    """Every token count through the decode path, and through the GEMM path, either way of
+    widening."""
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1, WIDENINGS[widening])
     packed, weight = packed_case("llama-ish 512x1376", 0.5)
     for tokens in (1, 2, 17, 64):
         x = torch.randn(tokens, 1376)
@@ -265,7 +286,7 @@ def test_decode_and_prefill_paths_agree(crossover: int, kernel_config) -> None:
         err = scale_free_error(
             cpu_dual_sparse_linear(x, packed, tau), dual_sparse_linear_reference(x, weight, tau)
         )
-        assert err <= TOLERANCE, f"M={tokens} crossover={crossover}: error {err}"
+        assert err <= TOLERANCE, f"M={tokens} crossover={crossover} {widening}: error {err}"
 
 
 @needs_kernel
@@ -276,7 +297,7 @@ def test_prefill_walks_the_slices_of_large_panels(isa: str, kernel_config) -> No
     a partial one."""
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
-    torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], 0, -1)
+    torch.ops.duogpt.cpu_kernel_config(ISA_LEVELS[isa], 0, -1, -1)
     weight = masked_weight(700, 300, 0.5, seed=5)
     packed = pack_cpu_weight(weight, panel_rows=640)
     weight = unpack_cpu_weight(packed).float()
@@ -296,7 +317,7 @@ def test_threads_under_inference_mode(crossover: int, kernel_config) -> None:
     """vLLM runs the model under torch.inference_mode with a thread per core: the kernel's worker
     threads (both paths, dense 16-bit too) must handle the inference tensors they get."""
     torch.set_num_threads(2)
-    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1)
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1, -1)
     packed, weight = packed_case("llama-ish 512x1376", 0.5)
     x, bias = torch.randn(64, 1376), torch.randn(512)
     tau = threshold_for(x, 0.5)
@@ -339,7 +360,7 @@ def test_inactive_channels_are_never_read(
 def test_nan_activation_reaches_the_rows_that_keep_its_channel(
     crossover: int, kernel_config
 ) -> None:
-    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1)
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1, -1)
     packed, weight = packed_case("100x257", 0.5)
     x = torch.randn(1, 257)
     x[0, 5] = float("nan")

@@ -448,6 +448,16 @@ class StreamPrefetcher {
   uintptr_t pos_[kStreams], end_[kStreams], next_[kStreams], next_end_[kStreams];
 };
 
+// The CPU make the decode's tunings below were measured on: Intel (a Xeon) or another (AMD Zen 5).
+bool intel_cpu() {
+#ifdef DUOGPT_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 // How decode reads its runs: kCursorReads (RunPrefetcher; runs without bitmaps one at a time) or
 // kStreamReads (StreamPrefetcher; kStreams of them side by side). Measured: streams on an Intel
 // Xeon (kStreams), the cursor on AMD Zen 5, where one run at a time was faster (kGroup) and
@@ -455,19 +465,25 @@ class StreamPrefetcher {
 enum Reads : int { kCursorReads = 0, kStreamReads = 1 };
 const char* const kReadsNames[] = {"cursor", "streams"};
 
-int default_reads() {
-#ifdef DUOGPT_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_is("intel")) return kStreamReads;
-#endif
-  return kCursorReads;
-}
-
-std::atomic<int> g_reads{-1};  // -1: default_reads(); tests set each
+std::atomic<int> g_reads{-1};  // -1: the CPU make's default; tests set each
 
 int active_reads() {
-  static const int by_cpu = default_reads();
+  static const int by_cpu = intel_cpu() ? kStreamReads : kCursorReads;
   const int forced = g_reads.load();
+  return forced >= 0 ? forced : by_cpu;
+}
+
+// How the AVX-512 paths widen expanded bf16 values to fp32 (UnpackWidening and ShiftWidening in
+// that region): interleaving with zeros, the older way, where it was measured (AMD Zen 5, where
+// shifts were slower) and on other CPUs, or shifting and masking on Intel.
+enum Widening : int { kUnpackWidening = 0, kShiftWidening = 1 };
+const char* const kWideningNames[] = {"unpack", "shift"};
+
+std::atomic<int> g_widening{-1};  // -1: the CPU make's default; tests set each
+
+int active_widening() {
+  static const int by_cpu = intel_cpu() ? kShiftWidening : kUnpackWidening;
+  const int forced = g_widening.load();
   return forced >= 0 ? forced : by_cpu;
 }
 
@@ -747,15 +763,53 @@ inline __m512 expand_ps_zeroed(__mmask16 bits, __m512 v) {
   return r;
 }
 
-// Half a block of bf16 values (32 rows): vpexpandw spreads the kept values over their rows, and
-// interleaving with zeros widens them, which orders fp32 lanes by 128-bit lane (rows 0-3, 8-11,
-// 16-19, 24-27 in `lo`, the others in `hi`); natural_order() undoes it once per pass. The load
-// stays a load of its own (the expand takes a register): vpexpandw's memory form is slower on Zen
-// (one thread, 2048 x 4096 at 50% / 0%, in cache: 22.8 GB/s folded, 27.7 GB/s apart).
+// Widening bf16 to fp32 puts each value in the high half of a 32-bit lane. vpexpandw leaves 32
+// rows as 16 lanes of two rows each (row 2j in the low half of lane j, row 2j + 1 in the high
+// half); a widening makes two fp32 vectors of them, `lo` and `hi`, in an order of its own, and
+// natural_order() puts the accumulators back in row order once per pass. Which one runs:
+// Widening.
+// Interleaving with zeros orders the lanes by 128-bit lane (rows 0-3, 8-11, 16-19, 24-27 in `lo`,
+// the others in `hi`). Both interleaves run on the expands' port on Intel.
+struct UnpackWidening {
+  static void halves(__m512i r, __m512& lo, __m512& hi) {
+    lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), r));
+    hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), r));
+  }
+  // row n < 16 is lo lane 4 * (n / 8) + n % 8 when n % 8 < 4, else hi lane 4 * (n / 8) + n % 8
+  // - 4 (index + 16 in a two-source permute); rows 16-31 are the same plus 8
+  static __m512i first_rows() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  }
+  static uint32_t high_bits(uint64_t bits) { return static_cast<uint32_t>(bits >> 32); }
+};
+// Shifting left by 16 bits widens the even rows (`lo`), clearing the low halves the odd ones
+// (`hi`), off the expands' port. The bitmap's high half is shifted in a general register too:
+// GCC otherwise moves all 64 bits into a mask register and shifts it there, one more instruction
+// on that port. Intel Xeon, one thread, the W50 block loop in L2 (4096 x 192 and 2048 x 384, all
+// channels active, builds alternated three times, by hand): 4.7-5.2 ns a block against 6.0-8.1
+// with the interleaves.
+struct ShiftWidening {
+  static void halves(__m512i r, __m512& lo, __m512& hi) {
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  // row n is lo lane n / 2 when even, else hi lane n / 2 (index + 16); rows 16-31 plus 8
+  static __m512i first_rows() {
+    return _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  }
+  static uint32_t high_bits(uint64_t bits) {
+    uint32_t high = static_cast<uint32_t>(bits >> 32);
+    asm("" : "+r"(high));
+    return high;
+  }
+};
+
+// Half a block of bf16 values (32 rows), expanded and widened by W. The load stays a load of its
+// own (the expand takes a register): vpexpandw's memory form is slower on Zen (one thread, 2048 x
+// 4096 at 50% / 0%, in cache: 22.8 GB/s folded, 27.7 GB/s apart).
+template <class W>
 inline void expand32_bf16(const uint16_t* v, uint32_t bits, __m512& lo, __m512& hi) {
-  const __m512i r = expand_epi16_zeroed(bits, _mm512_loadu_si512(v));
-  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), r));
-  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), r));
+  W::halves(expand_epi16_zeroed(bits, _mm512_loadu_si512(v)), lo, hi);
 }
 
 // A quarter block of fp16 values (16 rows), in row order: the kept values are converted first,
@@ -773,14 +827,10 @@ inline __m512 expand16_fp16(const uint16_t* v, uint32_t bits) {
 // widening alone. Skipping the expands (identities here) took bf16 W0/X50 on the LLaMA-7B
 // shapes 0-5% less time on two threads (three runs) and 5% less on one (one run), by hand: both
 // versions behind a switch, timed call after call in one process.
-template <int KIND>
+template <int KIND, class W>
 inline void widen_block(const uint16_t* v, __m512 w[4]) {
   if constexpr (KIND == kBF16) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512i raw = _mm512_loadu_si512(v + 32 * h);
-      w[2 * h] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), raw));
-      w[2 * h + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), raw));
-    }
+    for (int h = 0; h < 2; ++h) W::halves(_mm512_loadu_si512(v + 32 * h), w[2 * h], w[2 * h + 1]);
   } else {
     for (int j = 0; j < 4; ++j) {
       w[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * j)));
@@ -788,20 +838,20 @@ inline void widen_block(const uint16_t* v, __m512 w[4]) {
   }
 }
 
-// The 64 rows of the block at p as 4 fp32 vectors (bf16: expand32_bf16's order, fp16: row
-// order); returns the next block. BM: the layout has bitmaps (else all rows are stored).
-template <int KIND, bool BM>
+// The 64 rows of the block at p as 4 fp32 vectors (bf16: in W's order, fp16: row order);
+// returns the next block. BM: the layout has bitmaps (else all rows are stored).
+template <int KIND, bool BM, class W>
 inline const uint16_t* expand_block(const uint16_t* p, __m512 w[4]) {
   if constexpr (!BM) {
-    widen_block<KIND>(p, w);
+    widen_block<KIND, W>(p, w);
     return p + kBlockRows;
   }
   const uint16_t* v = p;
   const uint64_t bits = take_bitmap(BM, v);
   if constexpr (KIND == kBF16) {
     const uint32_t low = static_cast<uint32_t>(bits);
-    expand32_bf16(v, low, w[0], w[1]);
-    expand32_bf16(v + _mm_popcnt_u32(low), static_cast<uint32_t>(bits >> 32), w[2], w[3]);
+    expand32_bf16<W>(v, low, w[0], w[1]);
+    expand32_bf16<W>(v + _mm_popcnt_u32(low), W::high_bits(bits), w[2], w[3]);
   } else {
     const uint16_t* q = v;
     for (int j = 0; j < 4; ++j) {
@@ -813,13 +863,11 @@ inline const uint16_t* expand_block(const uint16_t* p, __m512 w[4]) {
   return v + _mm_popcnt_u64(bits);
 }
 
-// Rewrites 32 accumulators from expand32_bf16's lane order into row order.
-template <int KIND>
+// Rewrites 32 accumulators from W's lane order into row order.
+template <int KIND, class W>
 inline void natural_order(float* acc) {
   if constexpr (KIND == kBF16) {
-    // row n < 16 is lo lane 4 * (n / 8) + n % 8 when n % 8 < 4, else hi lane 4 * (n / 8) + n % 8
-    // - 4 (index + 16 in a two-source permute); rows 16-31 are the same plus 8
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i first = W::first_rows();
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     const __m512 lo = _mm512_loadu_ps(acc), hi = _mm512_loadu_ps(acc + 16);
     _mm512_storeu_ps(acc, _mm512_permutex2var_ps(lo, first, hi));
@@ -829,7 +877,7 @@ inline void natural_order(float* acc) {
 
 // G active channels [i, i + G) of pass ps, every block: acc += w * x for each token. The
 // expanded blocks of the G channels stay in registers while every token uses them.
-template <int KIND, int MT, int G, bool BM, class Ahead>
+template <int KIND, int MT, int G, bool BM, class W, class Ahead>
 inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
                             int64_t i, float* acc, Ahead& ahead) {
   const int64_t blocks = ps.blocks(), stride = acc_stride(blocks);
@@ -847,13 +895,13 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
         for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
         for (int g = 0; g < G; ++g) {
           __m512 w[4];
-          p[g] = expand_block<KIND, BM>(p[g], w);
+          p[g] = expand_block<KIND, BM, W>(p[g], w);
           for (int q = 0; q < 4; ++q) s[q] = _mm512_fmadd_ps(w[q], x1[g], s[q]);
         }
         for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out + 16 * q, s[q]);
       } else {
         __m512 w[G][4];
-        for (int g = 0; g < G; ++g) p[g] = expand_block<KIND, BM>(p[g], w[g]);
+        for (int g = 0; g < G; ++g) p[g] = expand_block<KIND, BM, W>(p[g], w[g]);
         for (int64_t m = 0; m < M; ++m, out += stride) {
           __m512 s[4];
           for (int q = 0; q < 4; ++q) s[q] = _mm512_loadu_ps(out + 16 * q);
@@ -869,30 +917,40 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
   }
 }
 
-// MT: the token count when known at compile time (1), else 0 and M at run time.
-template <int KIND, int MT, bool BM, class Ahead>
+// MT: the token count when known at compile time (1), else 0 and M at run time; W: the bf16
+// widening.
+template <int KIND, int MT, bool BM, class W, class Ahead>
 void decode_runs(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps, float* acc) {
   Ahead ahead(L, a, ps);
   int64_t i = ps.i0;
   constexpr int G =
       decode_group(MT, BM, kGroupSeveralAvx512, std::is_same_v<Ahead, StreamPrefetcher>);
   for (; i + G <= ps.i1; i += G) {
-    decode_channels<KIND, MT, G, BM>(L, a, M, ps, i, acc, ahead);
+    decode_channels<KIND, MT, G, BM, W>(L, a, M, ps, i, acc, ahead);
   }
-  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM>(L, a, M, ps, i, acc, ahead);
+  for (; i < ps.i1; ++i) decode_channels<KIND, MT, 1, BM, W>(L, a, M, ps, i, acc, ahead);
+}
+
+template <int KIND, int MT, bool BM, class W>
+void decode_widened(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps, float* acc) {
+  if (active_reads() == kStreamReads) {
+    decode_runs<KIND, MT, BM, W, StreamPrefetcher>(L, a, M, ps, acc);
+  } else {
+    decode_runs<KIND, MT, BM, W, RunPrefetcher>(L, a, M, ps, acc);
+  }
+  const int64_t stride = acc_stride(ps.blocks()), rows = ps.blocks() * kBlockRows;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t r = 0; r < rows; r += 32) natural_order<KIND, W>(acc + m * stride + r);
+  }
 }
 
 template <int KIND, int MT, bool BM>
 void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
   const int64_t M = MT ? MT : M_;
-  if (active_reads() == kStreamReads) {
-    decode_runs<KIND, MT, BM, StreamPrefetcher>(L, a, M, ps, acc);
+  if (active_widening() == kShiftWidening) {
+    decode_widened<KIND, MT, BM, ShiftWidening>(L, a, M, ps, acc);
   } else {
-    decode_runs<KIND, MT, BM, RunPrefetcher>(L, a, M, ps, acc);
-  }
-  const int64_t stride = acc_stride(ps.blocks()), rows = ps.blocks() * kBlockRows;
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t r = 0; r < rows; r += 32) natural_order<KIND>(acc + m * stride + r);
+    decode_widened<KIND, MT, BM, UnpackWidening>(L, a, M, ps, acc);
   }
 }
 
@@ -927,9 +985,9 @@ inline void store_transposed16(const __m512 in[16], float* out, int64_t ld) {
 // order, and transposed in registers, 16 x 16 at a time, into `stage`, whose rows go to the tile.
 // A channel's next block is read only after the other 127 channels' blocks: it is prefetched
 // (without that, decompressing 6144 x 2048 took 6.1 instead of 3.3 ms, one thread).
-template <int KIND, bool BM>
-void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
-                float* tile) {
+template <int KIND, bool BM, class W>
+void decompress_widened(const Layout& L, const Slice& sl, int64_t k0, int64_t k1,
+                        const uint16_t** at, float* tile) {
   alignas(64) float block[kStageChannels][kBlockRows];
   alignas(64) float stage[16 * kStageChannels];
   for (int64_t kg = k0; kg < k1; kg += kStageChannels) {
@@ -938,11 +996,11 @@ void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const 
     for (int64_t b = sl.b0; b < sl.b1; ++b) {
       for (int c = 0; c < n; ++c) {
         __m512 w[4];
-        at[kg + c] = expand_block<KIND, BM>(at[kg + c], w);
+        at[kg + c] = expand_block<KIND, BM, W>(at[kg + c], w);
         __builtin_prefetch(at[kg + c] + 64);
         for (int q = 0; q < 4; ++q) _mm512_store_ps(block[c] + 16 * q, w[q]);
-        natural_order<KIND>(block[c]);
-        natural_order<KIND>(block[c] + 32);
+        natural_order<KIND, W>(block[c]);
+        natural_order<KIND, W>(block[c] + 32);
       }
       float* out = tile + (b - sl.b0) * kBlockRows * L.K + kg;
       for (int q = 0; q < 4; ++q) {
@@ -960,6 +1018,16 @@ void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const 
         copy_tail_channels(block, full, n, 16 * q, 16, out, L.K);
       }
     }
+  }
+}
+
+template <int KIND, bool BM>
+void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
+                float* tile) {
+  if (active_widening() == kShiftWidening) {
+    decompress_widened<KIND, BM, ShiftWidening>(L, sl, k0, k1, at, tile);
+  } else {
+    decompress_widened<KIND, BM, UnpackWidening>(L, sl, k0, k1, at, tile);
   }
 }
 
@@ -1378,21 +1446,32 @@ at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& w,
   return y;
 }
 
+// Sets a choice from cpu_kernel_config's argument: -2 restores its default (-1 in `forced`), -1
+// leaves it alone, else one of the n `names`.
+void set_choice(std::atomic<int>& forced, int64_t value, const char* const* names, int n,
+                const char* what) {
+  TORCH_CHECK(value >= -2 && value < n, "cpu_kernel_config: ", what, " ", value,
+              " is not -2, -1 or a choice from 0 (", names[0], ") to ", n - 1, " (",
+              names[n - 1], ")");
+  if (value != -1) forced.store(value == -2 ? -1 : static_cast<int>(value));
+}
+
 // Caps the ISA (tests run every path on one machine), forces the token count from which the
-// prefill path runs and how decode reads its runs (Reads); -2 restores a setting's default, -1
-// leaves it alone.
-std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_, int64_t reads) {
+// prefill path runs, how decode reads its runs (Reads) and how bf16 values are widened
+// (Widening); -2 restores a setting's default, -1 leaves it alone.
+std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_, int64_t reads,
+                              int64_t widening) {
   if (max_isa >= 0) g_max_isa.store(static_cast<int>(std::min<int64_t>(max_isa, kAvx512)));
   if (prefill_min_tokens_ >= 0 || prefill_min_tokens_ == -2) {
     g_prefill_min_tokens.store(prefill_min_tokens_ == -2 ? -1 : prefill_min_tokens_);
   }
-  TORCH_CHECK(reads >= -2 && reads <= kStreamReads, "cpu_kernel_config: reads ", reads,
-              " is not -2, -1, 0 (cursor) or 1 (streams)");
-  if (reads != -1) g_reads.store(reads == -2 ? -1 : static_cast<int>(reads));
+  set_choice(g_reads, reads, kReadsNames, 2, "reads");
+  set_choice(g_widening, widening, kWideningNames, 2, "widening");
   const int isa = active_isa();
   return std::string("isa=") + kIsaNames[isa] + " detected=" + kIsaNames[detect_isa()] +
          " prefill_min_tokens=" + std::to_string(prefill_min_tokens(isa)) +
-         " reads=" + kReadsNames[active_reads()];
+         " reads=" + kReadsNames[active_reads()] +
+         " widening=" + kWideningNames[active_widening()];
 }
 
 }  // namespace duogpt_cpu
@@ -1402,7 +1481,7 @@ TORCH_LIBRARY_FRAGMENT(duogpt, m) {
       "cpu_dual_sparse_linear(Tensor x, Tensor data, Tensor offsets, int out_features, "
       "int panel_rows, int value_kind, bool bitmaps, float threshold, Tensor? bias) -> Tensor");
   m.def("cpu_dense16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens, int reads) -> str",
+  m.def("cpu_kernel_config(int max_isa, int prefill_min_tokens, int reads, int widening) -> str",
         &duogpt_cpu::cpu_kernel_config);
 }
 
