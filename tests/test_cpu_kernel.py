@@ -230,16 +230,13 @@ def test_decode_settings_name_the_way_they_run(setting, setter, choices, kernel_
         setter("random")
 
 
-def skip_unless_widened(isa: str, widening: str) -> None:
-    """Only the AVX-512 paths widen by shifts: the other ISAs' cases would run twice."""
-    if widening != "unpack" and isa != "avx512":
-        pytest.skip(f"the {isa} path does not widen by {widening}")
+# Every ISA path, and the AVX-512 one with each widening (only it widens by shifts).
+ISA_WIDENINGS = [(isa, "unpack") for isa in ISA_LEVELS] + [("avx512", "shift")]
 
 
 @needs_kernel
-@pytest.mark.parametrize("widening", list(WIDENINGS))
 @pytest.mark.parametrize("reads", list(READS))
-@pytest.mark.parametrize("isa", list(ISA_LEVELS))
+@pytest.mark.parametrize(("isa", "widening"), ISA_WIDENINGS)
 @pytest.mark.parametrize("weight_sparsity", list(WEIGHT_CASES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_matches_reference(
@@ -247,7 +244,6 @@ def test_matches_reference(
 ) -> None:
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
-    skip_unless_widened(isa, widening)
     cap_cpu_kernel_isa(isa)
     set_cpu_reads(reads)
     set_cpu_widening(widening)
@@ -270,6 +266,25 @@ def test_matches_reference(
                     f"{name} W{weight_sparsity} X{act_sparsity} M={tokens} threads={threads} "
                     f"{isa} {reads} {widening}: error {err}"
                 )
+
+
+@needs_kernel
+@pytest.mark.parametrize("crossover", [0, 10**9], ids=["prefill", "decode"])
+def test_widenings_give_the_same_floats(crossover: int, kernel_config) -> None:
+    """The widenings only place rows in other lanes: every row sums the same products in the same
+    order, so the outputs are equal bit for bit (bf16 values, with and without bitmaps)."""
+    torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1, -1)
+    for weight_sparsity in (0.0, 0.5):
+        packed, _ = packed_case("llama-ish 512x1376", weight_sparsity)
+        assert packed.value_dtype == torch.bfloat16
+        for tokens in (1, 3, 64):
+            x = torch.randn(tokens, 1376, generator=torch.Generator().manual_seed(tokens))
+            tau = threshold_for(x, 0.5)
+            outputs = []
+            for widening in WIDENINGS:
+                set_cpu_widening(widening)
+                outputs.append(cpu_dual_sparse_linear(x, packed, tau))
+            assert torch.equal(outputs[0], outputs[1]), (weight_sparsity, tokens)
 
 
 @needs_kernel
