@@ -474,8 +474,9 @@ int active_reads() {
 }
 
 // How the AVX-512 paths widen expanded bf16 values to fp32 (UnpackWidening and ShiftWidening in
-// that region): interleaving with zeros, the older way, where it was measured (AMD Zen 5, where
-// shifts were slower) and on other CPUs, or shifting and masking on Intel.
+// that region): shifting and masking on Intel, where it was measured faster; interleaving with
+// zeros, the older way, elsewhere (on AMD Zen 5, where every other distance here was tuned, an
+// earlier by-hand try found shifts slower). Both give the same floats.
 enum Widening : int { kUnpackWidening = 0, kShiftWidening = 1 };
 const char* const kWideningNames[] = {"unpack", "shift"};
 
@@ -766,8 +767,8 @@ inline __m512 expand_ps_zeroed(__mmask16 bits, __m512 v) {
 // Widening bf16 to fp32 puts each value in the high half of a 32-bit lane. vpexpandw leaves 32
 // rows as 16 lanes of two rows each (row 2j in the low half of lane j, row 2j + 1 in the high
 // half); a widening makes two fp32 vectors of them, `lo` and `hi`, in an order of its own, and
-// natural_order() puts the accumulators back in row order once per pass. Which one runs:
-// Widening.
+// natural_order() puts the accumulators back in row order once per pass (the Widening setting
+// picks one of the two below).
 // Interleaving with zeros orders the lanes by 128-bit lane (rows 0-3, 8-11, 16-19, 24-27 in `lo`,
 // the others in `hi`). Both interleaves run on the expands' port on Intel.
 struct UnpackWidening {
