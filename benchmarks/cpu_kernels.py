@@ -326,8 +326,8 @@ def main() -> None:
     parser.add_argument(
         "--widening",
         choices=list(WIDENINGS),
-        help="how the AVX-512 paths widen bf16 values (default: the way measured faster on this "
-        "CPU's make)",
+        help="how the AVX-512 paths make float32 of 16-bit values, named after the bf16 step "
+        "(default: the way measured faster on this CPU's make)",
     )
     parser.add_argument(
         "--panel-rows",

@@ -63,9 +63,11 @@ ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}
 # or one stream per run read side by side; the default is the one measured faster on the CPU's
 # make (streams on Intel, the cursor elsewhere).
 READS = {"cursor": 0, "streams": 1}
-# How the AVX-512 paths widen bf16 values to float32 (cpu_kernel_config's Widening): interleaving
-# with zeros, or shifting and masking; the default is the one measured faster on the CPU's make
-# (shifts on Intel, interleaves elsewhere). Both give the same floats.
+# How the AVX-512 paths make float32 of 16-bit values (cpu_kernel_config's Widening), named after
+# the bf16 step: "unpack" interleaves bf16 with zeros and converts fp16 before expanding it as
+# floats; "shift" shifts and masks bf16 and expands fp16 as 16-bit words before converting. The
+# default is the one measured faster on the CPU's make ("shift" on Intel, "unpack" elsewhere).
+# Both give the same floats.
 WIDENINGS = {"unpack": 0, "shift": 1}
 
 _lock = threading.Lock()
@@ -199,8 +201,8 @@ def set_cpu_reads(reads: str | None) -> str:
 
 
 def set_cpu_widening(widening: str | None) -> str:
-    """Make the CPU kernel's AVX-512 paths widen bf16 values one way from now on, in this process:
-    to time or test the way this CPU does not default to.
+    """Make the CPU kernel's AVX-512 paths widen 16-bit values one way from now on, in this
+    process: to time or test the way this CPU does not default to.
 
     Args:
         widening: a name in ``WIDENINGS``, or None for this CPU's default.

@@ -271,12 +271,12 @@ def test_matches_reference(
 @needs_kernel
 @pytest.mark.parametrize("crossover", [0, 10**9], ids=["prefill", "decode"])
 def test_widenings_give_the_same_floats(crossover: int, kernel_config) -> None:
-    """The widenings only place rows in other lanes: every row sums the same products in the same
-    order, so the outputs are equal bit for bit (bf16 values, with and without bitmaps)."""
+    """The widenings only place rows in other lanes or convert them in another order: every row
+    sums the same products in the same order, so the outputs are equal bit for bit (bf16 values
+    with and without bitmaps, fp16 values)."""
     torch.ops.duogpt.cpu_kernel_config(-1, crossover, -1, -1)
-    for weight_sparsity in (0.0, 0.5):
+    for weight_sparsity in WEIGHT_CASES:
         packed, _ = packed_case("llama-ish 512x1376", weight_sparsity)
-        assert packed.value_dtype == torch.bfloat16
         for tokens in (1, 3, 64):
             x = torch.randn(tokens, 1376, generator=torch.Generator().manual_seed(tokens))
             tau = threshold_for(x, 0.5)

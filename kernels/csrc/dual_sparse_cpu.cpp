@@ -473,10 +473,12 @@ int active_reads() {
   return forced >= 0 ? forced : by_cpu;
 }
 
-// How the AVX-512 paths widen expanded bf16 values to fp32 (UnpackWidening and ShiftWidening in
-// that region): shifting and masking on Intel, where it was measured faster; interleaving with
-// zeros, the older way, elsewhere (on AMD Zen 5, where every other distance here was tuned, an
-// earlier by-hand try found shifts slower). Both give the same floats.
+// How the AVX-512 paths make fp32 of 16-bit values (UnpackWidening and ShiftWidening in that
+// region), named after their bf16 step: on Intel, where it was measured faster, bf16 is shifted
+// and masked and fp16 expanded as 16-bit words before converting; elsewhere the older way, bf16
+// interleaved with zeros and fp16 converted before four float expands (on AMD Zen 5, where
+// every other distance here was tuned, an earlier by-hand try found shifts slower, and the fp16
+// order was measured). Both give the same floats.
 enum Widening : int { kUnpackWidening = 0, kShiftWidening = 1 };
 const char* const kWideningNames[] = {"unpack", "shift"};
 
@@ -764,13 +766,26 @@ inline __m512 expand_ps_zeroed(__mmask16 bits, __m512 v) {
   return r;
 }
 
-// Widening bf16 to fp32 puts each value in the high half of a 32-bit lane. vpexpandw leaves 32
+// A quarter block of fp16 values (16 rows), in row order: the kept values are converted first,
+// then vexpandps spreads them over their rows (UnpackWidening). On AMD Zen 5, expanding the
+// 16-bit words and converting after (as bf16 does) ran 6.6-6.8 ns per block of one channel at 8
+// tokens in cache against 5.5-5.7 this way (by hand, a standalone copy of the loop): vcvtph2ps
+// is the costly step there, and this way it converts only the kept values. For bf16 the same
+// order is slower (5.6 against 4.8 ns).
+inline __m512 expand16_fp16(const uint16_t* v, uint32_t bits) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  asm("" : "+v"(raw));
+  return expand_ps_zeroed(bits, _mm512_cvtph_ps(raw));
+}
+
+// How a block's 16-bit values become fp32 lanes; the Widening setting picks one of the two
+// below. Widening bf16 puts each value in the high half of a 32-bit lane: vpexpandw leaves 32
 // rows as 16 lanes of two rows each (row 2j in the low half of lane j, row 2j + 1 in the high
-// half); a widening makes two fp32 vectors of them, `lo` and `hi`, in an order of its own, and
-// natural_order() puts the accumulators back in row order once per pass (the Widening setting
-// picks one of the two below).
-// Interleaving with zeros orders the lanes by 128-bit lane (rows 0-3, 8-11, 16-19, 24-27 in `lo`,
-// the others in `hi`). Both interleaves run on the expands' port on Intel.
+// half), a widening makes two fp32 vectors of them, `lo` and `hi`, in an order of its own
+// (halves), and natural_order() puts the accumulators back in row order once per pass. fp16 is
+// converted (fp16_block), in row order.
+// Interleaving bf16 with zeros orders the lanes by 128-bit lane (rows 0-3, 8-11, 16-19, 24-27 in
+// `lo`, the others in `hi`). Both interleaves run on the expands' port on Intel.
 struct UnpackWidening {
   static void halves(__m512i r, __m512& lo, __m512& hi) {
     lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), r));
@@ -782,9 +797,17 @@ struct UnpackWidening {
     return _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   }
   static uint32_t high_bits(uint64_t bits) { return static_cast<uint32_t>(bits >> 32); }
+  // A block of fp16 values with bitmap `bits` at v, in row order.
+  static void fp16_block(const uint16_t* v, uint64_t bits, __m512 w[4]) {
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t rows = static_cast<uint32_t>(bits >> (16 * j)) & 0xFFFF;
+      w[j] = expand16_fp16(v, rows);
+      v += _mm_popcnt_u32(rows);
+    }
+  }
 };
-// Shifting left by 16 bits widens the even rows (`lo`), clearing the low halves the odd ones
-// (`hi`), off the expands' port. The bitmap's high half is shifted in a general register too:
+// Shifting bf16 left by 16 bits widens the even rows (`lo`), clearing the low halves the odd
+// ones (`hi`), off the expands' port. The bitmap's high half is shifted in a general register too:
 // GCC otherwise moves all 64 bits into a mask register and shifts it there, one more instruction
 // on that port. Intel Xeon, one thread, the W50 block loop in L2 (4096 x 192 and 2048 x 384, all
 // channels active, builds alternated three times, by hand): 4.7-5.2 ns a block against 6.0-8.1
@@ -803,6 +826,19 @@ struct ShiftWidening {
     asm("" : "+r"(high));
     return high;
   }
+  // fp16 the same way round: the 16-bit words of 32 rows expanded at once, then each half
+  // converted, rather than four float expands of kept values converted first. Intel Xeon, one
+  // thread (by hand, the two ways switched call after call in one process, three rounds): a W50
+  // block in L2 5.3-5.7 ns against 6.9-7.3 (4096 x 192 and 2048 x 384).
+  static void fp16_block(const uint16_t* v, uint64_t bits, __m512 w[4]) {
+    const uint32_t low = static_cast<uint32_t>(bits);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i r = expand_epi16_zeroed(h ? high_bits(bits) : low, _mm512_loadu_si512(v));
+      w[2 * h] = _mm512_cvtph_ps(_mm512_castsi512_si256(r));
+      w[2 * h + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(r, 1));
+      v += _mm_popcnt_u32(low);
+    }
+  }
 };
 
 // Half a block of bf16 values (32 rows), expanded and widened by W. The load stays a load of its
@@ -811,17 +847,6 @@ struct ShiftWidening {
 template <class W>
 inline void expand32_bf16(const uint16_t* v, uint32_t bits, __m512& lo, __m512& hi) {
   W::halves(expand_epi16_zeroed(bits, _mm512_loadu_si512(v)), lo, hi);
-}
-
-// A quarter block of fp16 values (16 rows), in row order: the kept values are converted first,
-// then vexpandps spreads them over their rows. Expanding the 16-bit words and converting after
-// (as bf16 does) ran 6.6-6.8 ns per block of one channel at 8 tokens in cache against 5.5-5.7
-// this way (by hand, a standalone copy of the loop): vcvtph2ps is the costly step, and this way
-// it converts only the kept values. For bf16 the same order is slower (5.6 against 4.8 ns).
-inline __m512 expand16_fp16(const uint16_t* v, uint32_t bits) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-  asm("" : "+v"(raw));
-  return expand_ps_zeroed(bits, _mm512_cvtph_ps(raw));
 }
 
 // The 64 values of a block without bitmap as 4 fp32 vectors, in expand_block's order: the
@@ -854,12 +879,7 @@ inline const uint16_t* expand_block(const uint16_t* p, __m512 w[4]) {
     expand32_bf16<W>(v, low, w[0], w[1]);
     expand32_bf16<W>(v + _mm_popcnt_u32(low), W::high_bits(bits), w[2], w[3]);
   } else {
-    const uint16_t* q = v;
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t rows = static_cast<uint32_t>(bits >> (16 * j)) & 0xFFFF;
-      w[j] = expand16_fp16(q, rows);
-      q += _mm_popcnt_u32(rows);
-    }
+    W::fp16_block(v, bits, w);
   }
   return v + _mm_popcnt_u64(bits);
 }
