@@ -5,7 +5,7 @@ The oracle is ``dual_sparse_linear_reference`` applied to the weight the layout 
 has (scalar, AVX2, AVX-512) runs over a named table of shapes, weight sparsities {0.5, 0.7},
 activation sparsities {0, 0.5, 0.9, 1.0}, token counts {1, 3, 64}, 1 and 2 threads and both ways
 of reading the runs (``READS``: a prefetch cursor, or streams side by side), and on AVX-512 both
-ways of widening bf16 values (``WIDENINGS``: interleaves or shifts); the 50%
+ways of widening 16-bit values (``WIDENINGS``, named after their bf16 step); the 50%
 case packs a float32 weight (bf16 values), the 70% case an fp16 checkpoint (fp16 values). 64
 tokens take the GEMM path on AVX2 and scalar, the decode path on AVX-512; a separate test forces
 each path for every token count. The first run builds the extension (20-30 s), later runs load

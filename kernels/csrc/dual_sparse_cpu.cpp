@@ -458,20 +458,38 @@ bool intel_cpu() {
 #endif
 }
 
+// One of two ways of running, by default the one measured faster on this CPU's make (looked up
+// once, when the library loads); tests and benchmarks force either through cpu_kernel_config.
+class MakeChoice {
+ public:
+  MakeChoice(const char* what, const char* way0, const char* way1, int on_intel, int elsewhere)
+      : what_(what), names_{way0, way1}, by_cpu_(intel_cpu() ? on_intel : elsewhere) {}
+  int active() const {
+    const int forced = forced_.load();
+    return forced >= 0 ? forced : by_cpu_;
+  }
+  const char* active_name() const { return names_[active()]; }
+  // cpu_kernel_config's argument: -2 restores the default, -1 leaves the choice alone, else the
+  // way of that number.
+  void set(int64_t value) {
+    TORCH_CHECK(value >= -2 && value < 2, "cpu_kernel_config: ", what_, " ", value,
+                " is not -2, -1, 0 (", names_[0], ") or 1 (", names_[1], ")");
+    if (value != -1) forced_.store(value == -2 ? -1 : static_cast<int>(value));
+  }
+
+ private:
+  const char* what_;
+  const char* names_[2];
+  int by_cpu_;
+  std::atomic<int> forced_{-1};  // -1: by_cpu_
+};
+
 // How decode reads its runs: kCursorReads (RunPrefetcher; runs without bitmaps one at a time) or
 // kStreamReads (StreamPrefetcher; kStreams of them side by side). Measured: streams on an Intel
 // Xeon (kStreams), the cursor on AMD Zen 5, where one run at a time was faster (kGroup) and
 // every distance above was tuned; other CPUs get the cursor, the older of the two.
 enum Reads : int { kCursorReads = 0, kStreamReads = 1 };
-const char* const kReadsNames[] = {"cursor", "streams"};
-
-std::atomic<int> g_reads{-1};  // -1: the CPU make's default; tests set each
-
-int active_reads() {
-  static const int by_cpu = intel_cpu() ? kStreamReads : kCursorReads;
-  const int forced = g_reads.load();
-  return forced >= 0 ? forced : by_cpu;
-}
+MakeChoice g_reads("reads", "cursor", "streams", kStreamReads, kCursorReads);
 
 // How the AVX-512 paths make fp32 of 16-bit values (UnpackWidening and ShiftWidening in that
 // region), named after their bf16 step: on Intel, where it was measured faster, bf16 is shifted
@@ -480,15 +498,7 @@ int active_reads() {
 // every other distance here was tuned, an earlier by-hand try found shifts slower, and the fp16
 // order was measured). Both give the same floats.
 enum Widening : int { kUnpackWidening = 0, kShiftWidening = 1 };
-const char* const kWideningNames[] = {"unpack", "shift"};
-
-std::atomic<int> g_widening{-1};  // -1: the CPU make's default; tests set each
-
-int active_widening() {
-  static const int by_cpu = intel_cpu() ? kShiftWidening : kUnpackWidening;
-  const int forced = g_widening.load();
-  return forced >= 0 ? forced : by_cpu;
-}
+MakeChoice g_widening("widening", "unpack", "shift", kShiftWidening, kUnpackWidening);
 
 // ---------------------------------------------------------------- portable paths
 
@@ -672,7 +682,7 @@ void decode_runs(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
 template <int KIND, int MT, bool BM>
 void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
   const int64_t M = MT ? MT : M_;
-  if (active_reads() == kStreamReads) {
+  if (g_reads.active() == kStreamReads) {
     decode_runs<KIND, MT, BM, StreamPrefetcher>(L, a, M, ps, acc);
   } else {
     decode_runs<KIND, MT, BM, RunPrefetcher>(L, a, M, ps, acc);
@@ -831,12 +841,12 @@ struct ShiftWidening {
   // thread (by hand, the two ways switched call after call in one process, three rounds): a W50
   // block in L2 5.3-5.7 ns against 6.9-7.3 (4096 x 192 and 2048 x 384).
   static void fp16_block(const uint16_t* v, uint64_t bits, __m512 w[4]) {
-    const uint32_t low = static_cast<uint32_t>(bits);
     for (int h = 0; h < 2; ++h) {
-      const __m512i r = expand_epi16_zeroed(h ? high_bits(bits) : low, _mm512_loadu_si512(v));
+      const uint32_t rows = h ? high_bits(bits) : static_cast<uint32_t>(bits);
+      const __m512i r = expand_epi16_zeroed(rows, _mm512_loadu_si512(v));
       w[2 * h] = _mm512_cvtph_ps(_mm512_castsi512_si256(r));
       w[2 * h + 1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(r, 1));
-      v += _mm_popcnt_u32(low);
+      v += _mm_popcnt_u32(rows);
     }
   }
 };
@@ -938,8 +948,8 @@ inline void decode_channels(const Layout& L, const ActiveSet& a, int64_t M, cons
   }
 }
 
-// MT: the token count when known at compile time (1), else 0 and M at run time; W: the bf16
-// widening.
+// MT: the token count when known at compile time (1), else 0 and M at run time; W: the widening
+// (Widening).
 template <int KIND, int MT, bool BM, class W, class Ahead>
 void decode_runs(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps, float* acc) {
   Ahead ahead(L, a, ps);
@@ -954,7 +964,7 @@ void decode_runs(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps,
 
 template <int KIND, int MT, bool BM, class W>
 void decode_widened(const Layout& L, const ActiveSet& a, int64_t M, const Pass& ps, float* acc) {
-  if (active_reads() == kStreamReads) {
+  if (g_reads.active() == kStreamReads) {
     decode_runs<KIND, MT, BM, W, StreamPrefetcher>(L, a, M, ps, acc);
   } else {
     decode_runs<KIND, MT, BM, W, RunPrefetcher>(L, a, M, ps, acc);
@@ -968,7 +978,7 @@ void decode_widened(const Layout& L, const ActiveSet& a, int64_t M, const Pass& 
 template <int KIND, int MT, bool BM>
 void decode_pass(const Layout& L, const ActiveSet& a, int64_t M_, const Pass& ps, float* acc) {
   const int64_t M = MT ? MT : M_;
-  if (active_widening() == kShiftWidening) {
+  if (g_widening.active() == kShiftWidening) {
     decode_widened<KIND, MT, BM, ShiftWidening>(L, a, M, ps, acc);
   } else {
     decode_widened<KIND, MT, BM, UnpackWidening>(L, a, M, ps, acc);
@@ -1045,7 +1055,7 @@ void decompress_widened(const Layout& L, const Slice& sl, int64_t k0, int64_t k1
 template <int KIND, bool BM>
 void decompress(const Layout& L, const Slice& sl, int64_t k0, int64_t k1, const uint16_t** at,
                 float* tile) {
-  if (active_widening() == kShiftWidening) {
+  if (g_widening.active() == kShiftWidening) {
     decompress_widened<KIND, BM, ShiftWidening>(L, sl, k0, k1, at, tile);
   } else {
     decompress_widened<KIND, BM, UnpackWidening>(L, sl, k0, k1, at, tile);
@@ -1467,18 +1477,8 @@ at::Tensor cpu_dense16_linear(const at::Tensor& x, const at::Tensor& w,
   return y;
 }
 
-// Sets a choice from cpu_kernel_config's argument: -2 restores its default (-1 in `forced`), -1
-// leaves it alone, else one of the n `names`.
-void set_choice(std::atomic<int>& forced, int64_t value, const char* const* names, int n,
-                const char* what) {
-  TORCH_CHECK(value >= -2 && value < n, "cpu_kernel_config: ", what, " ", value,
-              " is not -2, -1 or a choice from 0 (", names[0], ") to ", n - 1, " (",
-              names[n - 1], ")");
-  if (value != -1) forced.store(value == -2 ? -1 : static_cast<int>(value));
-}
-
 // Caps the ISA (tests run every path on one machine), forces the token count from which the
-// prefill path runs, how decode reads its runs (Reads) and how bf16 values are widened
+// prefill path runs, how decode reads its runs (Reads) and how 16-bit values are widened
 // (Widening); -2 restores a setting's default, -1 leaves it alone.
 std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_, int64_t reads,
                               int64_t widening) {
@@ -1486,13 +1486,12 @@ std::string cpu_kernel_config(int64_t max_isa, int64_t prefill_min_tokens_, int6
   if (prefill_min_tokens_ >= 0 || prefill_min_tokens_ == -2) {
     g_prefill_min_tokens.store(prefill_min_tokens_ == -2 ? -1 : prefill_min_tokens_);
   }
-  set_choice(g_reads, reads, kReadsNames, 2, "reads");
-  set_choice(g_widening, widening, kWideningNames, 2, "widening");
+  g_reads.set(reads);
+  g_widening.set(widening);
   const int isa = active_isa();
   return std::string("isa=") + kIsaNames[isa] + " detected=" + kIsaNames[detect_isa()] +
          " prefill_min_tokens=" + std::to_string(prefill_min_tokens(isa)) +
-         " reads=" + kReadsNames[active_reads()] +
-         " widening=" + kWideningNames[active_widening()];
+         " reads=" + g_reads.active_name() + " widening=" + g_widening.active_name();
 }
 
 }  // namespace duogpt_cpu
